@@ -1,0 +1,3 @@
+from cifarx.cli import main
+
+main()

@@ -1,0 +1,307 @@
+"""The `cifarx` command line: each command parses its options, calls one library function and prints.
+
+Heavy imports (torch, onnxruntime) happen inside the commands, so `cifarx --help` is instant and `cifarx predict`
+never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+import click
+from rich.console import Console
+
+from cifarx.errors import CifarxError, TrainingInterrupted
+
+console = Console()
+error_console = Console(stderr=True)
+
+
+class CifarxGroup(click.Group):
+    """User mistakes (ours or click's) end as one line on stderr and exit code 2; Ctrl-C as exit code 130."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except TrainingInterrupted as error:
+            error_console.print(f"[yellow]{error}[/]", highlight=False)
+            sys.exit(130)
+        except CifarxError as error:
+            _fail(str(error))
+        except click.exceptions.Abort:
+            error_console.print("aborted", highlight=False)
+            sys.exit(130)
+        except click.ClickException as error:
+            _fail(error.format_message())
+        except KeyboardInterrupt:
+            error_console.print("interrupted", highlight=False)
+            sys.exit(130)
+        sys.exit(0)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    error_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+@click.group(cls=CifarxGroup)
+@click.version_option(package_name="cifarx")
+def cli():
+    """Train CIFAR-10-class models, export self-describing ONNX files, measure them on ONNX Runtime."""
+    warnings.showwarning = _show_warning
+
+
+def _parse_int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated whole numbers, got {value!r}") from None
+    if not numbers or any(n <= 0 for n in numbers):
+        raise click.BadParameter(f"expected positive whole numbers, got {value!r}")
+    return numbers
+
+
+def _parse_settings(ctx, param, values):
+    """KEY=VALUE pairs; values are read as JSON when they parse (numbers, true/false, lists), else as text."""
+    settings = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            settings[key.replace("-", "_")] = json.loads(raw)
+        except ValueError:
+            settings[key.replace("-", "_")] = raw
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+class RichReporter:
+    """A progress bar per epoch and one line of metrics at its end."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+            TimeElapsedColumn(), console=console, transient=True,
+        )
+        self.task = None
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, loss=float("nan"))
+
+    def advance(self, loss: float) -> None:
+        self.progress.update(self.task, advance=1, loss=loss)
+
+    def end_epoch(self, row: dict) -> None:
+        self.progress.remove_task(self.task)
+        self.progress.stop()
+        console.print(
+            f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  lr {row['lr']:.2e}  "
+            f"{row['epoch_seconds']:.1f}s (data {row['data_seconds']:.1f}s)", highlight=False,
+        )
+
+    def message(self, text: str) -> None:
+        console.print(text, highlight=False)
+
+
+@cli.command()
+@click.option("--preset", help="recipe file from cifarx/presets (see `cifarx models`); options below override it")
+@click.option("--model", help="registered model name, or timm/<name>")
+@click.option("--data", help="'cifar10' (torchvision download) or an image folder with train/<class>/...")
+@click.option("--data-root", help="download/cache folder for --data cifar10")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float, help="peak learning rate")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw", "rmsprop"]))
+@click.option("--weight-decay", type=float)
+@click.option("--schedule", type=click.Choice(["constant", "multistep", "cosine", "linear", "onecycle"]))
+@click.option("--warmup-epochs", type=float)
+@click.option("--label-smoothing", type=float)
+@click.option("--ema-decay", type=float, help="parameter EMA decay per step (0 = off)")
+@click.option("--augment", help="comma list of crop,flip,cutout,rotate,autoaugment,erasing ('' for none)")
+@click.option("--tta", type=click.Choice(["none", "flip", "flip-translate"]), help="test-time augmentation for the final validation")
+@click.option("--val-size", type=int, help="validation images carved from train (default 5000)")
+@click.option("--train-size", type=int, help="train on only this many images (stratified)")
+@click.option("--seed", type=int)
+@click.option("--patience", type=int, help="early stopping after this many epochs without improvement (0 = off)")
+@click.option("--device", help="cpu, cuda or cuda:N")
+@click.option("--threads", type=int, help="torch intra-op threads")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model")
+@click.option("--channels-last/--no-channels-last", default=None)
+@click.option("--model-arg", "model_args", multiple=True, callback=_parse_settings, help="KEY=VALUE passed to the model builder")
+@click.option("--set", "settings", multiple=True, callback=_parse_settings, help="KEY=VALUE for any other training setting")
+@click.option("--out", help="run folder (config, metrics, curves, checkpoints)")
+@click.option("--resume", type=click.Path(), help="continue the interrupted run in this folder")
+def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
+          label_smoothing, ema_decay, augment, tta, val_size, train_size, seed, patience, device, threads, compile_,
+          channels_last, model_args, settings, out, resume):
+    """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png."""
+    from cifarx.config import make_train_config
+    from cifarx.train import train as run_training
+
+    if resume:
+        summary = run_training(resume=resume, reporter=RichReporter())
+    else:
+        overrides = dict(
+            model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+            weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+            ema_decay=ema_decay, tta=tta, val_size=val_size, train_size=train_size, seed=seed, patience=patience,
+            device=device, threads=threads, compile=compile_, channels_last=channels_last, out=out,
+            augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
+        )
+        overrides.update(settings)
+        if model_args:
+            overrides["model_kwargs"] = model_args
+        config = make_train_config(preset, **overrides)
+        if config.out == "runs/latest" and out is None:
+            config.out = f"runs/{config.model.replace('/', '-')}"
+        console.print(f"training [bold]{config.model}[/] on {config.data} -> {config.out}", highlight=False)
+        summary = run_training(config, reporter=RichReporter())
+    console.print_json(json.dumps(summary))
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="the .onnx file to write")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--tta", type=click.Choice(["none", "flip", "flip-translate"]), default="none", show_default=True,
+              help="fold test-time augmentation into the graph")
+@click.option("--fp16", is_flag=True, help="float16 weights and input (for GPUs)")
+@click.option("--data", help="images for the parity check (default: the run's own data)")
+@click.option("--data-root")
+@click.option("--parity-images", type=click.IntRange(1), default=256, show_default=True)
+def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images):
+    """Export a run folder or checkpoint to ONNX, then check parity with PyTorch on real images."""
+    from cifarx.export import export_onnx
+
+    report = export_onnx(checkpoint, output, opset=opset, tta=tta, fp16=fp16, data=data, data_root=data_root,
+                         parity_count=parity_images)
+    console.print(
+        f"wrote {report['output']} ({report['bytes'] / 1e6:.2f} MB, opset {report['opset']}); parity on "
+        f"{report['images']} images: top-1 agreement {report['top1_agreement']:.2%}, "
+        f"max |delta logit| {report['max_abs_logit_delta']:.2e}", highlight=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+@cli.command(name="eval")
+@click.argument("model_file", type=click.Path())
+@click.option("--data", help="image folder or 'cifar10'; without it only latency is measured")
+@click.option("--data-root")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--val-size", type=int, help="for --split val: default is the size recorded in the model")
+@click.option("--seed", type=int, help="for --split val: default is the seed recorded in the model")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--device-id", type=int, default=0, show_default=True)
+@click.option("--cudnn-conv-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]))
+@click.option("--batch-sizes", default="1,64", callback=_parse_int_list, show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads")
+@click.option("--graph-optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--json", "json_path", type=click.Path(), help="write the full result as JSON")
+@click.option("--plots", type=click.Path(), help="folder for the confusion-matrix PNG")
+def eval_(model_file, data, data_root, split, val_size, seed, provider, device_id, cudnn_conv_algo_search, batch_sizes,
+          threads, graph_optimization, warmup, repeats, json_path, plots):
+    """Accuracy, per-class accuracy and latency of an ONNX file on an ONNX Runtime provider."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from cifarx.evaluate import evaluate_onnx, save_confusion_png
+    from cifarx.io import atomic_write_json
+
+    result = evaluate_onnx(model_file, data=data, split=split, provider=provider, batch_sizes=batch_sizes,
+                           threads=threads, graph_optimization=graph_optimization, warmup=warmup, repeats=repeats,
+                           device_id=device_id, data_root=data_root, val_size=val_size, seed=seed,
+                           cudnn_conv_algo_search=cudnn_conv_algo_search)
+    if "accuracy" in result:
+        console.print(f"{split} accuracy on {result['images']} images: [bold]{result['accuracy']:.2%}[/]", highlight=False)
+        table = Table(title="per-class accuracy")
+        table.add_column("class")
+        table.add_column("accuracy", justify="right")
+        for name, value in result["per_class"].items():
+            table.add_row(name, f"{value:.2%}")
+        console.print(table)
+    table = Table(title=f"latency on {result['provider']}")
+    for column in ("batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
+        table.add_column(column, justify="right")
+    for batch, stats in result["latency"].items():
+        table.add_row(batch, f"{stats['p50_ms']:.3f}", f"{stats['p90_ms']:.3f}", f"{stats['p99_ms']:.3f}", f"{stats['images_per_s']:.0f}")
+    console.print(table)
+    if plots and "confusion_matrix" in result:
+        png = Path(plots) / f"{Path(model_file).stem}-confusion.png"
+        save_confusion_png(result, png)
+        console.print(f"wrote {png}", highlight=False)
+    if json_path:
+        atomic_write_json(json_path, result)
+        console.print(f"wrote {json_path}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+@cli.command()
+@click.argument("model_file", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+def predict(model_file, images, top_k, provider, as_json):
+    """Top-k classes of image files (no torch needed: onnxruntime, numpy, Pillow)."""
+    from cifarx.predict import predict as run_predict
+
+    results = run_predict(model_file, list(images), top_k=top_k, provider=provider)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for result in results:
+        ranked = ", ".join(f"{name} {p:.1%}" for name, p in result["top"])
+        console.print(f"{result['image']}: {ranked}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@cli.command()
+@click.argument("pattern", default="*")
+@click.option("--timm", "timm_pattern", help="list timm models matching this pattern instead (use as timm/<name>)")
+def models(pattern, timm_pattern):
+    """List the registered models (and the presets)."""
+    if timm_pattern:
+        import timm
+
+        names = timm.list_models(timm_pattern)
+        if not names:
+            raise CifarxError(f"no timm model matches {timm_pattern!r}")
+        for name in names:
+            console.print(f"timm/{name}", highlight=False)
+        return
+    from cifarx.config import list_presets
+    from cifarx.registry import list_models
+
+    console.print("[bold]models[/]: " + ", ".join(list_models(pattern)), highlight=False)
+    console.print("[bold]presets[/]: " + ", ".join(list_presets()), highlight=False)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,131 @@
+"""Settings of each command as dataclasses; presets (TOML files in cifarx/presets/) load into them."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from typing import Any
+
+from cifarx.errors import CifarxError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "multistep", "cosine", "linear", "onecycle")
+AUGMENTATIONS = ("crop", "flip", "cutout", "rotate", "autoaugment", "erasing")
+TTA_MODES = ("none", "flip", "flip-translate")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; stored in every checkpoint so the run can be rebuilt."""
+
+    model: str = "simple-cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    objective: str = "supervised"
+    objective_kwargs: dict[str, Any] = field(default_factory=dict)
+    # data
+    data: str = "cifar10"
+    data_root: str | None = None
+    val_size: int = 5000  # images held out of train, stratified, for selection
+    train_size: int | None = None  # use only this many training images (stratified); None = all the rest
+    seed: int = 0
+    # schedule of the run
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    patience: int = 0  # early stopping: epochs without a better val accuracy; 0 = off
+    # optimiser
+    optimizer: str = "adam"
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False  # SGD: decay per step = weight_decay x schedule factor, independent of lr
+    norm_lr_scale: float = 1.0  # lr multiplier for normalisation weights and biases
+    norm_weight_decay: float | None = None  # None: same as weight_decay
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr is multiplied by gamma
+    gamma: float = 0.1
+    final_lr_fraction: float = 0.0  # cosine/linear/onecycle end at lr x this
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # parameter EMA per step; 0 = off
+    ema_every: int = 1  # update the EMA every this many steps (decay is per update)
+    # augmentation (training batches only)
+    augment: list[str] = field(default_factory=lambda: ["crop", "flip"])
+    crop_padding: int = 4
+    translate_mode: str = "reflect"
+    cutout_size: int = 16
+    rotate_degrees: float = 15.0
+    whiten_init: bool = True  # models with a patch-whitening first conv initialise it from training images
+    tta: str = "none"  # test-time augmentation for the final validation
+    # machine
+    device: str = "cpu"
+    threads: int | None = None
+    channels_last: bool = True
+    compile: bool = False
+    workers: int = 2  # DataLoader workers, only for per-image torchvision augmentations
+    out: str = "runs/latest"
+    preset: str | None = None
+
+    def validate(self) -> None:
+        """Reject values that cannot make a run, with one clear line."""
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "eval_batch_size": self.eval_batch_size}
+        for name, value in positive.items():
+            if value is None or value <= 0:
+                raise CifarxError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.val_size < 0:
+            raise CifarxError(f"--val-size must be >= 0, got {self.val_size}")
+        if self.weight_decay < 0 or self.patience < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
+            raise CifarxError("weight decay and patience must be >= 0; label smoothing and EMA decay in [0, 1)")
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "tta": TTA_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise CifarxError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
+        unknown = [a for a in self.augment if a not in AUGMENTATIONS]
+        if unknown:
+            raise CifarxError(f"unknown augmentation {unknown}; choose from {', '.join(AUGMENTATIONS)}")
+        from cifarx.registry import list_models
+
+        if not self.model.startswith("timm/") and self.model not in list_models():
+            raise CifarxError(f"unknown model {self.model!r}; `cifarx models` lists the registered ones")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise CifarxError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CifarxError(f"unknown setting(s) {unknown}")
+        return cls(**values)
+
+
+def list_presets() -> list[str]:
+    """Names of the preset recipe files shipped inside the package."""
+    folder = resources.files("cifarx.presets")
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset's settings as a dict (TOML file `cifarx/presets/NAME.toml`)."""
+    path = resources.files("cifarx.presets") / f"{name}.toml"
+    if not path.is_file():
+        raise CifarxError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    values = tomllib.loads(path.read_text())
+    values.pop("description", None)
+    values["preset"] = name
+    return values
+
+
+def make_train_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the preset, then every override that is not None (the command line)."""
+    values: dict[str, Any] = load_preset(preset) if preset else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = TrainConfig.from_dict(values)
+    config.validate()
+    return config

@@ -1,0 +1,220 @@
+"""Data: sources (torchvision CIFAR-10, image folders), a decode-once uint8 cache, splits, batch-wise augmentation.
+
+Images live as one uint8 tensor [N,3,H,W]; every model-facing batch is float32 in [0,1]. Augmentation of the
+fast path works on whole batches of tensors (no per-image Python); policies that only exist per image in
+torchvision (AutoAugment, rotation) go through a DataLoader with torchvision's own transforms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from cifarx.errors import CifarxError
+from cifarx.io import atomic_torch_save
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_SIZE = 32
+CACHE_FORMAT = 1
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split: uint8 [N,3,32,32], int64 labels [N], and the class names in label order."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.class_names)
+
+
+def default_cache_dir() -> Path:
+    """Where decoded images and downloads go: $CIFARX_CACHE, else the XDG cache folder."""
+    if os.environ.get("CIFARX_CACHE"):
+        return Path(os.environ["CIFARX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarx"
+
+
+def load_split(data: str, split: str, data_root: str | os.PathLike | None = None) -> ImageSet:
+    """Load `split` ('train' or 'test') of `data`: 'cifar10' (torchvision download) or an image-folder path."""
+    if split not in ("train", "test"):
+        raise CifarxError(f"unknown split {split!r}; use 'train' or 'test'")
+    if data == "cifar10":
+        return _load_torchvision_cifar10(split, Path(data_root) if data_root else default_cache_dir() / "cifar10")
+    root = Path(data)
+    if not root.is_dir():
+        raise CifarxError(f"data folder not found: {data} (give an image folder with train/ and/or test/, or 'cifar10')")
+    folder = root / split
+    if not folder.is_dir():
+        raise CifarxError(f"no {split}/ folder in {data}: expected {data}/{split}/<class>/<image files>")
+    return _load_image_folder(folder, Path(data_root) if data_root else default_cache_dir())
+
+
+def _load_torchvision_cifar10(split: str, root: Path) -> ImageSet:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        dataset = CIFAR10(str(root), train=(split == "train"), download=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError
+        raise CifarxError(
+            f"could not download CIFAR-10 into {root} ({type(error).__name__}: {error}); "
+            "offline? point --data at an image folder instead (--data DIR with DIR/train/<class>/...)"
+        ) from None
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
+
+
+def _list_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    class_names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_names:
+        raise CifarxError(f"no class folders in {folder}: expected {folder}/<class>/<image files>")
+    files: list[tuple[Path, int]] = []
+    for label, name in enumerate(class_names):
+        for path in sorted((folder / name).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                files.append((path, label))
+    if not files:
+        raise CifarxError(f"no images (PNG/JPEG) under {folder}")
+    return class_names, files
+
+
+def _cache_key(folder: Path, files: list[tuple[Path, int]]) -> str:
+    """Hash of every file's relative path, size and mtime: any change to the folder makes a new key."""
+    digest = hashlib.sha256(f"v{CACHE_FORMAT}:{IMAGE_SIZE}".encode())
+    for path, label in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def decode_image(path: Path, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """One image file -> uint8 [3,size,size] RGB. Pillow's decompression-bomb limit stays on."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return array.view(size, size, 3).permute(2, 0, 1)
+
+
+def _load_image_folder(folder: Path, cache_dir: Path) -> ImageSet:
+    class_names, files = _list_image_folder(folder)
+    cache_path = cache_dir / f"images-{_cache_key(folder, files)}.pt"
+    if cache_path.exists():
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            return ImageSet(cached["images"], cached["labels"], list(cached["class_names"]))
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            warnings.warn(f"ignoring unreadable image cache {cache_path}")
+    images = torch.empty(len(files), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    labels = torch.empty(len(files), dtype=torch.int64)
+    kept = 0
+    for path, label in files:
+        try:
+            images[kept] = decode_image(path)
+        except Exception as error:  # corrupt, truncated or bomb-sized: skip it, name it
+            warnings.warn(f"skipping unreadable image {path}: {type(error).__name__}: {error}")
+            continue
+        labels[kept] = label
+        kept += 1
+    if kept == 0:
+        raise CifarxError(f"none of the {len(files)} image files under {folder} could be decoded")
+    image_set = ImageSet(images[:kept].clone(), labels[:kept].clone(), class_names)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(
+            {"images": image_set.images, "labels": image_set.labels, "class_names": class_names}, cache_path
+        )
+    except OSError as error:  # a read-only cache only costs speed
+        warnings.warn(f"could not write image cache {cache_path}: {error}")
+    return image_set
+
+
+def stratified_split(labels: torch.Tensor, holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic stratified split: (kept indices, `holdout` indices), classes in proportion to their counts."""
+    if holdout < 0 or holdout >= len(labels):
+        raise CifarxError(f"--val-size must be in [0, {len(labels) - 1}] for {len(labels)} images, got {holdout}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = torch.floor(counts.double() * holdout / len(labels)).long()
+    # Hand the remaining slots to the classes with the largest fractional shares, so the total is exact.
+    remainder = counts.double() * holdout / len(labels) - quota
+    quota[torch.argsort(remainder, descending=True, stable=True)[: holdout - int(quota.sum())]] += 1
+    # Rank of each shuffled index within its class: ranks below the class quota go to the holdout.
+    shuffled = labels[order]
+    position = torch.empty_like(order)
+    sort = torch.argsort(shuffled, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    position[sort] = torch.arange(len(labels)) - torch.repeat_interleave(starts, counts)
+    class_quota = torch.zeros(int(classes.max()) + 1, dtype=torch.long)
+    class_quota[classes] = quota
+    is_holdout = position < class_quota[shuffled]
+    return order[~is_holdout].sort().values, order[is_holdout].sort().values
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float32 in [0,1]."""
+    return images.float().div_(255)
+
+
+def random_crop_flip_cutout(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    pad: int = 4,
+    flip: bool = True,
+    cutout: int = 0,
+    translate_mode: str = "reflect",
+) -> torch.Tensor:
+    """Batch-wise augmentation of float [B,3,H,W]: random pad-and-crop (translate), horizontal flip, cutout."""
+    batch, _, height, width = images.shape
+    if pad:
+        padded = torch.nn.functional.pad(images, (pad,) * 4, mode=translate_mode)
+        dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+        rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
+        images = padded[torch.arange(batch)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+    if flip:
+        flipped = torch.rand(batch, generator=generator) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    if cutout:
+        # A cutout x cutout square of zeros centred at a random pixel, clipped at the borders.
+        top = torch.randint(0, height, (batch,), generator=generator)[:, None, None] - cutout // 2
+        left = torch.randint(0, width, (batch,), generator=generator)[:, None, None] - cutout // 2
+        y = torch.arange(height)[None, :, None]
+        x = torch.arange(width)[None, None, :]
+        hole = (y >= top) & (y < top + cutout) & (x >= left) & (x < left + cutout)
+        images = images.masked_fill(hole[:, None], 0.0)
+    return images
+
+
+def iterate_batches(n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool) -> Iterator[torch.Tensor]:
+    """Index batches over range(n): shuffled when a generator is given."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def class_index(model_classes: Sequence[str], data_classes: Sequence[str]) -> torch.Tensor:
+    """Map data labels to model output positions by class *name*; a data class the model lacks is an error."""
+    missing = [name for name in data_classes if name not in model_classes]
+    if missing:
+        raise CifarxError(
+            f"class mismatch: the data has {missing} which the model does not know (model classes: {list(model_classes)})"
+        )
+    return torch.tensor([list(model_classes).index(name) for name in data_classes], dtype=torch.int64)

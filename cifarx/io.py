@@ -1,0 +1,58 @@
+"""Atomic file writes: a temporary name in the target folder, then `os.replace`, so a crash leaves the old file or none."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from cifarx.errors import CifarxError
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success move it over `target`, on any failure remove it."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(handle)
+    except OSError as error:
+        raise CifarxError(f"cannot write to {target.parent}: {error.strerror or error}") from None
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise CifarxError(f"could not write {target}: {error.strerror or error}") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call `write(temporary_path)` and move the result into place atomically."""
+    with atomic_path(target) as temporary:
+        write(temporary)
+
+
+def atomic_torch_save(obj, target: str | os.PathLike) -> None:
+    import torch
+
+    atomic_write(target, lambda path: torch.save(obj, path))
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    atomic_write(target, lambda path: path.write_text(text))
+
+
+def atomic_write_json(target: str | os.PathLike, obj) -> None:
+    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_savefig(figure, target: str | os.PathLike) -> None:
+    atomic_write(target, lambda path: figure.savefig(path, format="png", dpi=110, bbox_inches="tight"))

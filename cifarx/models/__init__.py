@@ -1,0 +1,3 @@
+"""Model families. Importing this package registers every built-in builder."""
+
+from cifarx.models import simple_cnn  # noqa: F401

@@ -1,0 +1,120 @@
+"""Reading exported files without torch: checks, metadata and sessions on ONNX Runtime providers.
+
+Used by `evaluate` and `predict`; imports only onnx (optional), onnxruntime and numpy, so consumers can copy it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cifarx.errors import CifarxError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
+
+
+def check_model_file(path: str | Path) -> Path:
+    """The file exists, is ONNX, and refers to no external data outside its own folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise CifarxError(f"model file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CifarxError(f"model file is empty: {path}")
+    try:
+        import onnx
+    except ImportError:  # the torch-free consumer path may run with onnxruntime alone
+        return path
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf raises several types on garbage input
+        raise CifarxError(f"{path} is not a readable ONNX file ({type(error).__name__})") from None
+    if not proto.graph.node:
+        raise CifarxError(f"{path} is not a readable ONNX file (empty graph)")
+    folder = path.parent.resolve()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                target = (folder / entry.value).resolve()
+                if not target.is_relative_to(folder):
+                    raise CifarxError(f"refusing {path}: tensor {tensor.name!r} points to data outside its folder ({entry.value})")
+    return path
+
+
+def create_session(path: str | Path, provider: str = "cpu", *, threads: int | None = None,
+                   graph_optimization: str = "all", device_id: int = 0, cudnn_conv_algo_search: str | None = None):
+    """An InferenceSession on exactly `provider`: if ONNX Runtime silently falls back to CPU, that is an error."""
+    import onnxruntime as ort
+
+    path = check_model_file(path)
+    if provider not in PROVIDERS:
+        raise CifarxError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    if graph_optimization not in GRAPH_OPTIMIZATION:
+        raise CifarxError(f"unknown graph optimisation level {graph_optimization!r}; choose from {', '.join(GRAPH_OPTIMIZATION)}")
+    wanted = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise CifarxError(
+            f"{provider} provider is not available in this ONNX Runtime build (available: {', '.join(available)})"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    ort.set_default_logger_severity(4)  # ORT's own multi-line warnings stay off the terminal; we check what it made
+    provider_options: dict = {}
+    if provider in ("cuda", "tensorrt"):
+        provider_options["device_id"] = device_id
+    if provider == "cuda" and cudnn_conv_algo_search:
+        provider_options["cudnn_conv_algo_search"] = cudnn_conv_algo_search
+    providers = [(wanted, provider_options)]
+    if provider == "tensorrt":  # TensorRT hands unsupported nodes to CUDA
+        providers.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CifarxError(f"ONNX Runtime could not load {path}: {message}") from None
+    active = session.get_providers()
+    if active[0] != wanted:
+        raise CifarxError(
+            f"{provider} provider could not be created (ONNX Runtime fell back to {', '.join(active)}; "
+            f"available in this build: {', '.join(available)}); check the CUDA/cuDNN install or use --provider cpu"
+        )
+    return session
+
+
+def model_info(session) -> dict:
+    """Metadata and input description of a cifarx ONNX session; refuses inputs that are not [N,3,32,32]."""
+    meta = session.get_modelmeta().custom_metadata_map
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise CifarxError(f"expected a model with one image input, found {len(inputs)} inputs")
+    shape = list(inputs[0].shape)
+    if len(shape) != 4 or shape[1:] != [3, 32, 32]:
+        raise CifarxError(f"model input must be [N,3,32,32], found {shape}")
+    try:
+        class_names = json.loads(meta["class_names"])
+    except (KeyError, ValueError):
+        raise CifarxError("model metadata has no class_names: not a cifarx export") from None
+    output_names = [o.name for o in session.get_outputs()]
+    if len(class_names) != session.get_outputs()[0].shape[-1] and isinstance(session.get_outputs()[0].shape[-1], int):
+        raise CifarxError(f"metadata lists {len(class_names)} classes but the model outputs {session.get_outputs()[0].shape[-1]}")
+    return {
+        "input_name": inputs[0].name,
+        "input_dtype": "float16" if "float16" in inputs[0].type else "float32",
+        "output_names": output_names,
+        "class_names": class_names,
+        "metadata": dict(meta),
+    }
+

@@ -1,0 +1,59 @@
+"""Shared fixtures: small synthetic image folders (never real CIFAR images) and an isolated cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ["airplane", "automobile", "bird", "cat"]
+
+
+def make_image_folder(root: Path, split: str, classes=CLASSES, per_class: int = 24, seed: int = 0, size: int = 32) -> Path:
+    """Images whose colour and stripe direction depend on the class, so a tiny model can learn them."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+            image[..., label % 3] += 120
+            if label % 2:
+                image[::4] = 255
+            else:
+                image[:, ::4] = 255
+            Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CIFARX_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    root = tmp_path / "data"
+    make_image_folder(root, "train", per_class=24)
+    make_image_folder(root, "test", per_class=6, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> dict:
+    """One tiny trained simple-cnn run and its ONNX export, shared by the tests that only read them."""
+    from cifarx.config import make_train_config
+    from cifarx.export import export_onnx
+    from cifarx.train import train
+
+    root = tmp_path_factory.mktemp("shared")
+    data = make_image_folder(root / "data", "train", per_class=24)
+    make_image_folder(root / "data", "test", per_class=6, seed=1)
+    config = make_train_config(model="simple-cnn", data=str(data), epochs=2, batch_size=16, val_size=16,
+                               out=str(root / "run"), lr=3e-3)
+    summary = train(config)
+    onnx_path = root / "model.onnx"
+    export_onnx(root / "run", onnx_path, parity_count=16)
+    return {"data": data, "run": root / "run", "onnx": onnx_path, "summary": summary}

@@ -1,0 +1,114 @@
+import os
+import signal
+
+import pytest
+import torch
+
+from cifarx.checkpoint import read_checkpoint
+from cifarx.config import TrainConfig, make_train_config
+from cifarx.errors import CifarxError, TrainingInterrupted
+from cifarx.train import SilentReporter, lr_factor, train
+
+
+def tiny_config(folder, out, **overrides):
+    values = dict(model="simple-cnn", data=str(folder), epochs=3, batch_size=16, val_size=16, out=str(out), lr=3e-3,
+                  augment=["crop", "flip", "cutout"], cutout_size=8)
+    values.update(overrides)
+    return make_train_config(**values)
+
+
+def final_weights(run_dir):
+    return read_checkpoint(run_dir / "last.pt")["train_state"]["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_run_folder_has_config_metrics_curves_and_checkpoints(trained_run):
+    run = trained_run["run"]
+    for name in ("config.json", "metrics.csv", "curves.png", "last.pt", "best.pt", "summary.json"):
+        assert (run / name).is_file(), name
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,train_loss,train_accuracy,val_loss,val_accuracy") and len(lines) == 3
+    best = read_checkpoint(run / "best.pt")
+    assert best["model"]["name"] == "simple-cnn" and best["class_names"][0] == "airplane"
+    assert best["train_state"] is None  # best.pt is for inference: small, no optimiser state
+
+
+def test_same_seed_same_metrics_bit_for_bit(image_folder, tmp_path):
+    first = train(tiny_config(image_folder, tmp_path / "a", epochs=2))
+    second = train(tiny_config(image_folder, tmp_path / "b", epochs=2))
+    assert (tmp_path / "a" / "metrics.csv").read_text().split("\n")[1].split(",")[:5] == \
+        (tmp_path / "b" / "metrics.csv").read_text().split("\n")[1].split(",")[:5]
+    assert first["final_val_accuracy"] == second["final_val_accuracy"]
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+
+
+class InterruptAt(SilentReporter):
+    """Sends SIGINT to this process after `steps` training steps, like a user's Ctrl-C."""
+
+    def __init__(self, steps):
+        self.remaining = steps
+
+    def advance(self, loss):
+        self.remaining -= 1
+        if self.remaining == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("interrupt_after", [5, 10])  # mid-epoch, and at an epoch's last step (5 steps an epoch)
+def test_ctrl_c_checkpoints_and_resume_ends_like_an_uninterrupted_run(image_folder, tmp_path, interrupt_after):
+    reference = train(tiny_config(image_folder, tmp_path / "ref", ema_decay=0.9))
+    config = tiny_config(image_folder, tmp_path / "cut", ema_decay=0.9)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(config, reporter=InterruptAt(interrupt_after))
+    resumed = train(resume=tmp_path / "cut")
+    assert resumed["final_val_accuracy"] == reference["final_val_accuracy"]
+    assert_same_weights(final_weights(tmp_path / "cut"), final_weights(tmp_path / "ref"))
+    assert (tmp_path / "cut" / "metrics.csv").read_text().splitlines()[1:] != []
+
+
+class CrashAt(SilentReporter):
+    """Dies without any cleanup after `steps` steps: what is on disk then is what kill -9 would leave."""
+
+    def __init__(self, steps):
+        self.remaining = steps
+
+    def advance(self, loss):
+        self.remaining -= 1
+        if self.remaining == 0:
+            raise SystemError("simulated crash")
+
+
+def test_resume_after_a_crash_mid_epoch_ends_like_an_uninterrupted_run(image_folder, tmp_path):
+    reference = train(tiny_config(image_folder, tmp_path / "ref"))
+    with pytest.raises(SystemError):
+        train(tiny_config(image_folder, tmp_path / "cut"), reporter=CrashAt(12))  # during epoch 3
+    resumed = train(resume=tmp_path / "cut")
+    assert resumed["epochs_run"] == 3 and resumed["final_val_accuracy"] == reference["final_val_accuracy"]
+    assert_same_weights(final_weights(tmp_path / "cut"), final_weights(tmp_path / "ref"))
+
+
+def test_early_stopping_stops(image_folder, tmp_path):
+    summary = train(tiny_config(image_folder, tmp_path / "run", epochs=30, lr=1e-9, patience=2))
+    assert summary["epochs_run"] < 30
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("optimizer", "sgdx")])
+def test_invalid_settings_are_refused(field, value):
+    with pytest.raises(CifarxError):
+        make_train_config(**{field: value})
+
+
+def test_lr_schedules_warm_up_then_decay():
+    config = TrainConfig(schedule="onecycle", warmup_epochs=1, epochs=4)
+    factors = [lr_factor(step, 40, 10, config) for step in range(40)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[-1] < 0.05 and all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    multistep = TrainConfig(schedule="multistep", milestones=[2, 3], gamma=0.5)
+    assert [lr_factor(s, 40, 10, multistep) for s in (0, 19, 20, 30)] == [1.0, 1.0, 0.5, 0.25]
+    cosine = TrainConfig(schedule="cosine", final_lr_fraction=0.1)
+    assert lr_factor(0, 40, 10, cosine) == pytest.approx(1.0) and lr_factor(40, 40, 10, cosine) == pytest.approx(0.1)
