@@ -1,0 +1,118 @@
+"""Training throughput: cifarx's tensor data path against a plain DataLoader + torchvision transforms pipeline.
+
+Same network, batch size, optimiser and augmentation (random translate by padding+crop, horizontal flip) in the
+same run, on the same device. Reports images/s of the training step alone (one batch reused), and of whole
+training steps fed by each data path, with the time each path spends waiting for data.
+
+    python benchmarks/train_speed.py --data ~/cifar10-jpeg --device cpu --steps 20
+    python benchmarks/train_speed.py --data ~/cifar10-jpeg --device cuda --steps 200   # the seed's GPU question
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from cifarx import data as datamod
+from cifarx.config import make_train_config
+from cifarx.registry import create_model
+from cifarx.train import build_optimizer, training_batches
+
+
+def timed_steps(model, optimizer, batches, steps, device, channels_last, label_smoothing):
+    """Run `steps` training steps from an iterator of batches; returns (seconds total, seconds waiting for data)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    waiting, start = 0.0, time.perf_counter()
+    iterator = iter(batches)
+    for _ in range(steps):
+        fetch = time.perf_counter()
+        images, labels = next(iterator)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        sync()
+        waiting += time.perf_counter() - fetch
+        loss = torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync()
+    return time.perf_counter() - start, waiting
+
+
+def torchvision_batches(train_set, config, workers):
+    """The way the seed reports train: per-image torchvision transforms in DataLoader worker processes."""
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([
+        v2.RandomCrop(32, padding=config.crop_padding, padding_mode=config.translate_mode),
+        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+    ])
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train_set)
+
+        def __getitem__(self, i):
+            return transform(train_set.images[i]), train_set.labels[i]
+
+    loader = torch.utils.data.DataLoader(Images(), batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0)
+    while True:
+        yield from loader
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision baseline")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    config = make_train_config(args.preset, data=args.data, device=args.device, val_size=5000)
+    device = torch.device(args.device)
+    full = datamod.load_split(args.data, "train")
+    train_index, _ = datamod.stratified_split(full.labels, config.val_size, config.seed)
+    train_set = full.subset(train_index)
+    model = create_model(config.model).to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if hasattr(model, "init_whitening"):
+        model.init_whitening(datamod.to_float(train_set.images[:5000]).to(device))
+    optimizer = build_optimizer(model, config)
+    smoothing = config.label_smoothing
+
+    def measure(batches):
+        timed_steps(model, optimizer, batches, 3, device, config.channels_last, smoothing)  # warm-up
+        return timed_steps(model, optimizer, batches, args.steps, device, config.channels_last, smoothing)
+
+    fixed = next(training_batches(train_set, config, 0, device, train_set.images.to(device)))
+    step_only, _ = measure(iter(lambda: fixed, None))
+    ours, ours_wait = measure(training_batches(train_set, config, 0, device, train_set.images.to(device)))
+    baseline, baseline_wait = measure(torchvision_batches(train_set, config, args.workers))
+    images = args.steps * config.batch_size
+    result = {
+        "device": args.device, "threads": torch.get_num_threads(), "model": config.model, "batch_size": config.batch_size,
+        "steps": args.steps,
+        "step_only_images_per_s": round(images / step_only, 1),
+        "cifarx_images_per_s": round(images / ours, 1), "cifarx_data_fraction": round(ours_wait / ours, 4),
+        "torchvision_images_per_s": round(images / baseline, 1), "torchvision_data_fraction": round(baseline_wait / baseline, 4),
+        "speedup_vs_torchvision": round(baseline / ours, 2),
+        "epoch_seconds_cifarx": round(len(train_set) / (images / ours), 1),
+        "epoch_seconds_torchvision": round(len(train_set) / (images / baseline), 1),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        from cifarx.io import atomic_write_json
+
+        atomic_write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
