@@ -69,6 +69,15 @@ def _parse_int_list(ctx, param, value):
     return numbers
 
 
+def _parse_unlabelled(ctx, param, value):
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a whole number or 'all', got {value!r}") from None
+
+
 def _parse_settings(ctx, param, values):
     """KEY=VALUE pairs; values are read as JSON when they parse (numbers, true/false, lists), else as text."""
     settings = {}
@@ -136,6 +145,12 @@ class RichReporter:
 @click.option("--tta", type=click.Choice(["none", "flip", "flip-translate"]), help="test-time augmentation for the final validation")
 @click.option("--val-size", type=int, help="validation images carved from train (default 5000)")
 @click.option("--train-size", type=int, help="train on only this many images (stratified)")
+@click.option("--labelled", type=int, help="semi-supervised: labelled training images (stratified, fixed by --seed)")
+@click.option("--labelled-per-class", type=int, help="semi-supervised: exactly this many labelled images per class")
+@click.option("--unlabelled", callback=_parse_unlabelled, help="semi-supervised: images of the rest of train with "
+              "their labels hidden (a number, or 'all')")
+@click.option("--method", type=click.Choice(["m1", "m2", "supervised"]), help="vae-ssl recipe: M1, M2 or the "
+              "supervised-only baseline (= --preset vae-ssl-METHOD; --model vae-ssl alone means m2)")
 @click.option("--seed", type=int)
 @click.option("--patience", type=int, help="early stopping after this many epochs without improvement (0 = off)")
 @click.option("--device", help="cpu, cuda or cuda:N")
@@ -147,8 +162,8 @@ class RichReporter:
 @click.option("--out", help="run folder (config, metrics, curves, checkpoints)")
 @click.option("--resume", type=click.Path(), help="continue the interrupted run in this folder")
 def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
-          label_smoothing, ema_decay, augment, tta, val_size, train_size, seed, patience, device, threads, compile_,
-          channels_last, model_args, settings, out, resume):
+          label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
+          seed, patience, device, threads, compile_, channels_last, model_args, settings, out, resume):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png."""
     from cifarx.config import make_train_config
     from cifarx.train import train as run_training
@@ -162,7 +177,13 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
             ema_decay=ema_decay, tta=tta, val_size=val_size, train_size=train_size, seed=seed, patience=patience,
             device=device, threads=threads, compile=compile_, channels_last=channels_last, out=out,
             augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
+            labelled=labelled, labelled_per_class=labelled_per_class, unlabelled=unlabelled,
         )
+        if method and preset:
+            raise CifarxError("give --method or --preset, not both (--method m2 is --preset vae-ssl-m2)")
+        if method or (model == "vae-ssl" and not preset):
+            # The recipe, with the seed's budget (1,500 labelled + 10,000 unlabelled images) unless overridden.
+            preset = f"vae-ssl-{method or 'm2'}"
         overrides.update(settings)
         if model_args:
             overrides["model_kwargs"] = model_args

@@ -29,6 +29,12 @@ class TrainConfig:
     data_root: str | None = None
     val_size: int = 5000  # images held out of train, stratified, for selection
     train_size: int | None = None  # use only this many training images (stratified); None = all the rest
+    # semi-supervised (vae-ssl): a labelled subset of the training images, stratified and fixed by the seed, plus
+    # unlabelled images from the rest whose labels become -1; None/0 = every training image labelled (the default)
+    labelled: int | None = None
+    labelled_per_class: int | None = None  # exactly this many per class; replaces `labelled` when given
+    unlabelled: int | str = 0  # or 'all': every training image outside the labelled subset
+    labelled_fraction: float | None = None  # share of each batch given to labelled images (oversampled); None = natural mix
     seed: int = 0
     # schedule of the run
     epochs: int = 10
@@ -92,6 +98,20 @@ class TrainConfig:
             raise CifarxError(f"unknown model {self.model!r}; `cifarx models` lists the registered ones")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise CifarxError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+        self._validate_semi_supervised()
+
+    def _validate_semi_supervised(self) -> None:
+        if self.unlabelled != "all" and (not isinstance(self.unlabelled, int) or self.unlabelled < 0):
+            raise CifarxError(f"--unlabelled must be a whole number >= 0 or 'all', got {self.unlabelled!r}")
+        if self.labelled_per_class is not None:
+            self.labelled = None  # a per-class count replaces the total (e.g. a preset's 1,500), so config.json is plain
+        if self.unlabelled and self.labelled is None and self.labelled_per_class is None:
+            raise CifarxError("--unlabelled needs a labelled subset: give --labelled or --labelled-per-class")
+        if self.unlabelled and self.objective == "supervised":
+            raise CifarxError("the supervised objective cannot learn from unlabelled images; use --method m1 or m2, "
+                              "or --unlabelled 0")
+        if self.labelled_fraction is not None and not 0 < self.labelled_fraction < 1:
+            raise CifarxError(f"labelled_fraction must be in (0, 1), got {self.labelled_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

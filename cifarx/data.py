@@ -166,6 +166,66 @@ def stratified_split(labels: torch.Tensor, holdout: int, seed: int) -> tuple[tor
     return order[~is_holdout].sort().values, order[is_holdout].sort().values
 
 
+UNLABELLED = -1  # the label of an image whose label the training code must not see
+
+
+def semi_supervised_subset(image_set: ImageSet, labelled: int | None, unlabelled: int | str, seed: int,
+                           labelled_per_class: int | None = None) -> ImageSet:
+    """A labelled subset (stratified, fixed by `seed`) followed by `unlabelled` other images labelled UNLABELLED.
+
+    `labelled_per_class` takes exactly that many of each class instead of `labelled` in proportion. The unlabelled
+    images are a random draw from the rest that never looks at their labels; `unlabelled='all'` takes all of it.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(image_set.labels)
+    if labelled_per_class is not None:
+        if labelled_per_class <= 0 or labelled_per_class > int(counts.min()):
+            raise CifarxError(f"--labelled-per-class must be in [1, {int(counts.min())}] (the smallest class), "
+                              f"got {labelled_per_class}")
+        # Random order within each class: sort by label + a random fraction, then keep the first N of every class.
+        order = torch.argsort(image_set.labels.double() + torch.rand(len(image_set), generator=generator, dtype=torch.float64))
+        rank = torch.arange(len(image_set)) - (torch.cumsum(counts, 0) - counts)[image_set.labels[order]]
+        labelled_index = order[rank < labelled_per_class].sort().values
+    else:
+        if labelled is None or not 0 < labelled < len(image_set):
+            raise CifarxError(f"--labelled must be in [1, {len(image_set) - 1}] for {len(image_set)} training images, "
+                              f"got {labelled}")
+        _, labelled_index = stratified_split(image_set.labels, labelled, seed)
+    rest = torch.ones(len(image_set), dtype=torch.bool)
+    rest[labelled_index] = False
+    rest_index = rest.nonzero().squeeze(1)
+    count = len(rest_index) if unlabelled == "all" else int(unlabelled)
+    if not 0 <= count <= len(rest_index):
+        raise CifarxError(f"--unlabelled must be in [0, {len(rest_index)}] (or 'all'): {len(rest_index)} training "
+                          f"images are left beside the labelled ones, got {unlabelled}")
+    unlabelled_index = rest_index[torch.randperm(len(rest_index), generator=generator)[:count]].sort().values
+    subset = image_set.subset(torch.cat([labelled_index, unlabelled_index]))
+    subset.labels[len(labelled_index):] = UNLABELLED
+    return subset
+
+
+def mixed_batches(labels: torch.Tensor, batch_size: int, labelled_per_batch: int, steps: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """[steps, batch_size] indices, each row holding exactly `labelled_per_batch` labelled images (label >= 0).
+
+    Each pool is drawn as back-to-back random permutations, so the small labelled pool is oversampled evenly
+    (every labelled image about equally often) and the unlabelled one is covered before any image repeats.
+    """
+
+    def draw(pool: torch.Tensor, count: int) -> torch.Tensor:
+        rounds = -(-count // len(pool))
+        return pool[torch.rand(rounds, len(pool), generator=generator).argsort(1).flatten()[:count]]
+
+    labelled_pool = (labels >= 0).nonzero().squeeze(1)
+    unlabelled_pool = (labels < 0).nonzero().squeeze(1)
+    if not 0 < labelled_per_batch < batch_size or not len(labelled_pool) or not len(unlabelled_pool):
+        raise CifarxError("a mixed batch needs labelled and unlabelled images and 1 <= labelled per batch < batch size")
+    return torch.cat([
+        draw(labelled_pool, steps * labelled_per_batch).view(steps, labelled_per_batch),
+        draw(unlabelled_pool, steps * (batch_size - labelled_per_batch)).view(steps, -1),
+    ], 1)
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B,3,H,W] -> float32 in [0,1]."""
     return images.float().div_(255)

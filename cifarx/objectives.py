@@ -5,6 +5,7 @@ Families differ here (and in their builders and presets), never by a copy of the
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -40,5 +41,80 @@ def supervised(label_smoothing: float = 0.0) -> Objective:
     def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
         logits = model(images)
         return {"loss": F.cross_entropy(logits, labels, label_smoothing=label_smoothing), "logits": logits}
+
+    return objective
+
+
+# ---------------------------------------------------------------------------------------------- semi-supervised VAE
+# Batches mix labelled images and unlabelled ones (label -1, see data.semi_supervised_subset). The -ELBO is
+# divided by the pixel count (nats per dimension) so it sits on the same scale as a cross-entropy.
+
+
+def _labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy over the labelled images of a batch; 0 when the batch has none."""
+    total = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum", label_smoothing=label_smoothing)
+    return total / (labels >= 0).sum().clamp(min=1)
+
+
+def _require_vae(model: nn.Module, conditional: bool, name: str) -> None:
+    if getattr(model, "conditional", None) is not conditional:
+        variant = "conditional=true (M2)" if conditional else "conditional=false (M1)"
+        raise CifarxError(f"objective {name} needs the vae-ssl model with {variant}; use `cifarx train --method`")
+
+
+@register_objective("vae-m1")
+def vae_m1(label_smoothing: float = 0.0, detach_latent: bool = True) -> Objective:
+    """M1: the VAE's -ELBO on every image, plus cross-entropy of the classifier on the labelled images' latent means.
+
+    The seed trains the VAE, then the classifier on its frozen latent means. Here both train in the one loop, and
+    `detach_latent` keeps the classifier's gradient out of the encoder, so the features stay purely unsupervised as
+    in M1 (the classifier is small and follows the slowly changing latent means); no phase switch to checkpoint.
+    """
+
+    def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        _require_vae(model, False, "vae-m1")
+        terms = model.negative_elbo(images, model.features(images))
+        negative_elbo = (terms["reconstruction"] + terms["kl"]).mean() / images[0].numel()
+        logits = model.classifier(terms["mean"].detach() if detach_latent else terms["mean"])
+        classification = _labelled_cross_entropy(logits, labels, label_smoothing)
+        return {"loss": negative_elbo + classification, "logits": logits, "negative_elbo": negative_elbo.detach(),
+                "classification": classification.detach()}
+
+    return objective
+
+
+@register_objective("vae-m2")
+def vae_m2(label_smoothing: float = 0.0, alpha: float = 1.0) -> Objective:
+    """M2 (Kingma et al. 2014): -ELBO(x, y) of the labelled images, the unlabelled -ELBO marginalised over y with
+    q(y|x) (minus its entropy), and alpha x the classifier's cross-entropy on the labelled images.
+
+    The marginalisation is batch-wise: every unlabelled image is tiled once per class and the whole tiled batch
+    goes through the decoder in one call.
+    """
+
+    def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        _require_vae(model, True, "vae-m2")
+        features = model.features(images)
+        logits = model.classifier(features)
+        classes = logits.shape[1]
+        labelled = labels >= 0
+        unlabelled = ~labelled
+        labelled_count, unlabelled_count = int(labelled.sum()), int(unlabelled.sum())
+        tiled_labels = torch.arange(classes, device=labels.device).repeat_interleave(unlabelled_count)
+        terms = model.negative_elbo(
+            torch.cat([images[labelled], images[unlabelled].repeat(classes, 1, 1, 1)]),
+            torch.cat([features[labelled], features[unlabelled].repeat(classes, 1)]),
+            F.one_hot(torch.cat([labels[labelled], tiled_labels]), classes).float(),
+        )
+        # -log p(y) of the uniform class prior completes -ELBO(x, y).
+        negative_elbo = terms["reconstruction"] + terms["kl"] + math.log(classes)
+        # Rows of the tiled part are (class, image); transposed, each unlabelled image gets its row of classes.
+        unlabelled_elbo = negative_elbo[labelled_count:].view(classes, unlabelled_count).T
+        log_q = logits[unlabelled].log_softmax(1)  # q(y|x); plain tensors so a batch without unlabelled images works
+        unlabelled_loss = (log_q.exp() * (unlabelled_elbo + log_q)).sum(1)  # E_q[-ELBO(x, y)] - entropy of q
+        generative = (negative_elbo[:labelled_count].sum() + unlabelled_loss.sum()) / (len(images) * images[0].numel())
+        classification = _labelled_cross_entropy(logits, labels, label_smoothing)
+        return {"loss": generative + alpha * classification, "logits": logits, "negative_elbo": generative.detach(),
+                "classification": classification.detach(), "unlabelled_elbo": unlabelled_elbo.detach()}
 
     return objective

@@ -65,6 +65,10 @@ def split_train_val(config: TrainConfig) -> tuple[datamod.ImageSet, datamod.Imag
     if config.train_size and config.train_size < len(train_set):
         _, keep = datamod.stratified_split(train_set.labels, config.train_size, config.seed + 1)
         train_set = train_set.subset(keep)
+    if config.labelled is not None or config.labelled_per_class is not None:
+        # From here on only the labelled subset carries labels; the rest of train is -1 (or left out).
+        train_set = datamod.semi_supervised_subset(train_set, config.labelled, config.unlabelled, config.seed + 2,
+                                                   config.labelled_per_class)
     return train_set, val_set
 
 
@@ -118,7 +122,13 @@ def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: in
         return
     augment = torch.Generator().manual_seed(_seed(config.seed, epoch, 1))
     labels_on_device = train_set.labels.to(device)
-    for index in datamod.iterate_batches(len(train_set), config.batch_size, order, drop_last=True):
+    batches = datamod.iterate_batches(len(train_set), config.batch_size, order, drop_last=True)
+    if config.labelled_fraction and (train_set.labels == datamod.UNLABELLED).any():
+        # Semi-supervised: the same number of steps, each batch with a fixed share of (oversampled) labelled images.
+        labelled_per_batch = min(config.batch_size - 1, max(1, round(config.labelled_fraction * config.batch_size)))
+        batches = datamod.mixed_batches(train_set.labels, config.batch_size, labelled_per_batch,
+                                        len(train_set) // config.batch_size, order)
+    for index in batches:
         images = datamod.to_float(images_on_device[index.to(device)])
         images = datamod.random_crop_flip_cutout(
             images, augment, pad=config.crop_padding if "crop" in config.augment else 0,
@@ -220,7 +230,9 @@ class RunState:
     best_val_accuracy: float = -1.0
     epochs_since_best: int = 0
     history: list[dict] = field(default_factory=list)
-    partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0, "data_seconds": 0.0})
+    # "labelled": images with a label among those seen (train accuracy's denominator; -1 = unlabelled image)
+    partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0, "labelled": 0,
+                                                   "data_seconds": 0.0})
     rng_state: torch.Tensor | None = None  # global torch RNG at step_in_epoch (dropout, stochastic depth...)
 
 
@@ -308,6 +320,9 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
     train_set, val_set = split_train_val(config)
     if len(train_set) < config.batch_size:
         raise CifarxError(f"batch size {config.batch_size} is larger than the {len(train_set)} training images")
+    if config.labelled_fraction and uses_dataloader(config):
+        raise CifarxError("labelled_fraction needs batch-wise augmentation (crop, flip, cutout), not "
+                          f"{sorted(PER_IMAGE_AUGMENTATIONS & set(config.augment))}")
     class_names = train_set.class_names
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=len(class_names), **config.model_kwargs)
@@ -337,6 +352,7 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
         if ema is not None:
             ema.module.load_state_dict(saved["ema"])
         state = RunState(**saved["run"])
+        state.partial = {**RunState().partial, **state.partial}  # counters added since the checkpoint was written
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", config.to_dict())
@@ -386,6 +402,7 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
                 state.partial["loss_sum"] += out["loss"].item() * len(labels)
                 state.partial["correct"] += (out["logits"].argmax(1) == labels).sum().item()
                 state.partial["seen"] += len(labels)
+                state.partial["labelled"] += (labels >= 0).sum().item()
                 reporter.advance(out["loss"].item())
                 if interrupt.raised:
                     state.step_in_epoch = step + 1
@@ -403,7 +420,7 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
             row = {
                 "epoch": epoch + 1,
                 "train_loss": partial["loss_sum"] / partial["seen"],
-                "train_accuracy": partial["correct"] / partial["seen"],
+                "train_accuracy": partial["correct"] / max(1, partial["labelled"]),
                 "val_loss": validation["loss"],
                 "val_accuracy": validation["accuracy"],
                 "lr": optimizer.param_groups[0]["lr"],
@@ -426,6 +443,8 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
                 state.epoch = config.epochs
             checkpoint("last.pt", True, {"val_accuracy": validation["accuracy"], "epoch": epoch + 1})
             write_metrics(run_dir, state.history)
+            if hasattr(inference_model, "on_epoch_end"):  # a model's own per-epoch figures (vae-ssl: samples, latents)
+                inference_model.on_epoch_end(run_dir, val_set, epoch + 1)
             reporter.end_epoch(row)
             if stop_early:
                 reporter.message(f"early stop: no better validation accuracy for {config.patience} epochs")
