@@ -20,12 +20,19 @@ VERSION = 1
 
 
 def save_checkpoint(path: str | Path, *, model_name: str, model_kwargs: dict, class_names: list[str],
-                    state_dict: dict, config: dict, metrics: dict, train_state: dict | None = None) -> None:
-    """Write a checkpoint atomically. `state_dict` holds the weights to use for inference (EMA if any)."""
+                    state_dict: dict, config: dict, metrics: dict, train_state: dict | None = None,
+                    export_metadata: dict | None = None) -> None:
+    """Write a checkpoint atomically. `state_dict` holds the weights to use for inference (EMA if any).
+
+    `export_metadata`: extra ONNX metadata of the model (e.g. a transfer backbone's name and weights source).
+    """
+    model = {"name": model_name, "kwargs": model_kwargs, "num_classes": len(class_names)}
+    if export_metadata:
+        model["export_metadata"] = export_metadata
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "model": {"name": model_name, "kwargs": model_kwargs, "num_classes": len(class_names)},
+        "model": model,
         "class_names": list(class_names),
         "state_dict": state_dict,
         "config": config,

