@@ -1,0 +1,130 @@
+"""Model cards: FILE.json (for programs) and FILE.md (for people) beside an exported ONNX file."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from cifarx.checkpoint import file_sha256, read_checkpoint, resolve_checkpoint
+from cifarx.errors import CifarxError
+from cifarx.io import atomic_write_json, atomic_write_text
+
+
+def _run_summary(run: str | Path) -> dict:
+    path = Path(run) / "summary.json"
+    if not path.is_file():
+        raise CifarxError(f"no summary.json in run folder {run} (is the run finished?)")
+    return json.loads(path.read_text())
+
+
+def _tta_accuracy(summary: dict) -> float | None:
+    return next((v for k, v in summary.items() if k.startswith("best_val_accuracy_tta")), None)
+
+
+def validation_figures(runs: list[str | Path]) -> dict:
+    """Validation accuracy of one or more runs of a recipe: each run, and mean/std when there are several."""
+    rows = []
+    for run in runs:
+        summary = _run_summary(run)
+        rows.append({"run": str(run), "seed": summary.get("seed"), "val_images": summary.get("val_images"),
+                     "final_val_accuracy": summary.get("final_val_accuracy"),
+                     "best_val_accuracy": summary.get("best_val_accuracy"), "val_accuracy_tta": _tta_accuracy(summary)})
+    key = "val_accuracy_tta" if all(r["val_accuracy_tta"] is not None for r in rows) else "best_val_accuracy"
+    values = [r[key] for r in rows]
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "measure": key, "runs": rows}
+
+
+def train_command(config: dict) -> str:
+    """The command line recorded by `cifarx train`; for runs started otherwise, one rebuilt from the settings."""
+    if config.get("command"):
+        return config["command"]
+    import shlex
+
+    from cifarx.config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    words = ["cifarx", "train"] + (["--preset", config["preset"]] if config.get("preset") else [])
+    for key, value in config.items():
+        if key not in ("preset", "command") and key in defaults and value != defaults[key]:
+            words += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return shlex.join(words)
+
+
+def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_report: dict, val_runs: list,
+                     export_command: str, note: str | None = None) -> list[Path]:
+    """Write ONNX_STEM.json and ONNX_STEM.md describing the model, how it was trained and how well it does."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    payload = read_checkpoint(checkpoint)
+    run_dir = checkpoint.parent
+    config = payload["config"]
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    runs = list(val_runs) or ([run_dir] if summary.get("val_images") else [])
+    validation = validation_figures(runs) if runs else None
+    onnx_path = Path(onnx_path)
+    card = {
+        "model": payload["model"]["name"],
+        "model_kwargs": payload["model"]["kwargs"],
+        "file": onnx_path.name,
+        "sha256": file_sha256(onnx_path),
+        "bytes": onnx_path.stat().st_size,
+        "class_names": payload["class_names"],
+        "input": "float32 [N,3,32,32] RGB in [0,1]; normalisation inside the graph",
+        "outputs": ["logits", "probabilities"],
+        "val_accuracy": validation,
+        "train_images": summary.get("train_images"),
+        "train_seconds": summary.get("train_seconds"),
+        "epochs": summary.get("epochs_run", config.get("epochs")),
+        "preset": config.get("preset"),
+        "seed": config.get("seed"),
+        "command": train_command(config),
+        "note": note,
+        "export_command": export_command,
+        "tta_in_graph": export_report.get("tta", "none"),
+        "parity": {k: export_report[k] for k in ("images", "top1_agreement", "max_abs_logit_delta")},
+        "opset": export_report["opset"],
+    }
+    base = onnx_path.with_suffix("")
+    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
+    atomic_write_json(json_path, card)
+    atomic_write_text(md_path, _markdown(card))
+    return [json_path, md_path]
+
+
+def _markdown(card: dict) -> str:
+    validation = card["val_accuracy"]
+    if validation:
+        spread = f" ± {validation['std']:.2%} over {validation['n']} runs" if validation["n"] > 1 else ""
+        accuracy = f"{validation['mean']:.2%}{spread} ({validation['measure'].replace('_', ' ')}, validation split)"
+    else:
+        accuracy = "not measured (trained without a validation split)"
+    lines = [
+        f"# {card['file']}",
+        "",
+        f"`{card['model']}` classifier for {len(card['class_names'])} classes: {', '.join(card['class_names'])}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| validation accuracy | {accuracy} |",
+        f"| trained on | {card['train_images']} images, {card['epochs']} epochs, {card['train_seconds']} s wall time |",
+        f"| preset / seed | {card['preset']} / {card['seed']} |",
+        f"| input | {card['input']} |",
+        f"| outputs | logits, probabilities |",
+        f"| test-time augmentation in graph | {card['tta_in_graph']} |",
+        f"| parity with PyTorch | top-1 agreement {card['parity']['top1_agreement']:.2%} on {card['parity']['images']} images, "
+        f"max abs logit delta {card['parity']['max_abs_logit_delta']:.1e} |",
+        f"| size / sha256 | {card['bytes'] / 1e6:.2f} MB / `{card['sha256'][:16]}…` |",
+        "",
+        *([f"Note: {card['note']}", ""] if card["note"] else []),
+        "Made by:",
+        "",
+        "```bash",
+        str(card["command"]),
+        card["export_command"],
+        "```",
+        "",
+        "Use it: `cifarx predict FILE image.jpg` or the ten-line snippet in the README (onnxruntime, numpy, Pillow).",
+        "",
+    ]
+    return "\n".join(lines)
