@@ -61,6 +61,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
         raise CifarxError(f"{path} is not a readable cifarx checkpoint (not a torch.save archive)")
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # torch.load skips the CRCs: a flipped bit in the weights would load silently
+        if damaged is not None:
+            raise CifarxError(f"{path} is damaged (checksum mismatch in {damaged.split('/')[-1]})")
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CifarxError(f"refusing to load {path}: it holds Python objects beyond plain tensors and "

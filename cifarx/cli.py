@@ -12,6 +12,7 @@ import warnings
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from cifarx.errors import CifarxError, TrainingInterrupted
 
@@ -26,7 +27,7 @@ class CifarxGroup(click.Group):
         try:
             super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except TrainingInterrupted as error:
-            error_console.print(f"[yellow]{error}[/]", highlight=False)
+            error_console.print(f"[yellow]{escape(str(error))}[/]", highlight=False, soft_wrap=True)
             sys.exit(130)
         except CifarxError as error:
             _fail(str(error))
@@ -47,7 +48,8 @@ def _fail(message: str) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    error_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    # One line whatever the terminal width (soft_wrap), and a path like data/[raw]/x.png printed as it is (escape).
+    error_console.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
 
 
 @click.group(cls=CifarxGroup)

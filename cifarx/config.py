@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any
@@ -82,8 +85,14 @@ class TrainConfig:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "eval_batch_size": self.eval_batch_size,
                     "backbone_lr_scale": self.backbone_lr_scale}
         for name, value in positive.items():
-            if value is None or value <= 0:
+            if value is None or not value > 0 or not math.isfinite(value):  # `not >` also refuses NaN
                 raise CifarxError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        at_least = {"train_size": (self.train_size or 0, 0), "threads": (self.threads or 0, 0), "workers": (self.workers, 0),
+                    "warmup_epochs": (self.warmup_epochs, 0), "crop_padding": (self.crop_padding, 0),
+                    "cutout_size": (self.cutout_size, 0), "ema_every": (self.ema_every, 1)}
+        for name, (value, minimum) in at_least.items():
+            if not value >= minimum:
+                raise CifarxError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
         if self.val_size < 0:
             raise CifarxError(f"--val-size must be >= 0, got {self.val_size}")
         if self.weight_decay < 0 or self.patience < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
@@ -125,7 +134,29 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise CifarxError(f"unknown setting(s) {unknown}")
+        hints = typing.get_type_hints(cls)
+        for name, value in values.items():  # a --set or preset value of the wrong type stops here, not mid-run
+            if not _has_type(value, hints[name]):
+                raise CifarxError(f"setting {name} must be {getattr(hints[name], '__name__', hints[name])}, got {value!r}")
         return cls(**values)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether `value` fits a TrainConfig annotation (ints pass as floats; bools pass as neither)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(item, typing.get_args(hint)[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
 
 
 def list_presets() -> list[str]:

@@ -138,7 +138,7 @@ def _load_image_folder(folder: Path, cache_dir: Path) -> ImageSet:
         atomic_torch_save(
             {"images": image_set.images, "labels": image_set.labels, "class_names": class_names}, cache_path
         )
-    except OSError as error:  # a read-only cache only costs speed
+    except (OSError, CifarxError) as error:  # a read-only or full cache only costs speed (atomic writes raise CifarxError)
         warnings.warn(f"could not write image cache {cache_path}: {error}")
     return image_set
 

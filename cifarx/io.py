@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -43,7 +44,11 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> No
 def atomic_torch_save(obj, target: str | os.PathLike) -> None:
     import torch
 
-    atomic_write(target, lambda path: torch.save(obj, path))
+    # Serialise in memory, then write plain bytes: torch's zip writer reports a full disk as an opaque
+    # RuntimeError ("unexpected pos ..."), a plain write as the OSError it is ("No space left on device").
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(target, lambda path: path.write_bytes(buffer.getbuffer()))
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:

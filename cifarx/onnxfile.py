@@ -5,6 +5,8 @@ Used by `evaluate` and `predict`; imports only onnx (optional), onnxruntime and 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -36,13 +38,27 @@ def check_model_file(path: str | Path) -> Path:
     if not proto.graph.node:
         raise CifarxError(f"{path} is not a readable ONNX file (empty graph)")
     folder = path.parent.resolve()
-    for tensor in proto.graph.initializer:
+    function_nodes = [node for function in proto.functions for node in function.node]
+    for tensor in _stored_tensors([*proto.graph.node, *function_nodes], proto.graph):
         for entry in tensor.external_data:
             if entry.key == "location":
                 target = (folder / entry.value).resolve()
                 if not target.is_relative_to(folder):
                     raise CifarxError(f"refusing {path}: tensor {tensor.name!r} points to data outside its folder ({entry.value})")
     return path
+
+
+def _stored_tensors(nodes, graph=None):
+    """Every tensor a model stores: initializers, and tensor attributes of nodes (Constant...), subgraphs included."""
+    if graph is not None:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+    for node in nodes:
+        for attribute in node.attribute:
+            yield from [attribute.t, attribute.sparse_tensor.values, attribute.sparse_tensor.indices, *attribute.tensors]
+            for subgraph in [attribute.g, *attribute.graphs]:
+                yield from _stored_tensors(subgraph.node, subgraph)
 
 
 def create_session(path: str | Path, provider: str = "cpu", *, threads: int | None = None,
@@ -70,7 +86,7 @@ def create_session(path: str | Path, provider: str = "cpu", *, threads: int | No
     }[graph_optimization]
     if threads:
         options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # ORT's errors reach us as exceptions (one line each); its log copy stays off stderr
     ort.set_default_logger_severity(4)  # ORT's own multi-line warnings stay off the terminal; we check what it made
     provider_options: dict = {}
     if provider in ("cuda", "tensorrt"):
@@ -81,7 +97,9 @@ def create_session(path: str | Path, provider: str = "cpu", *, threads: int | No
     if provider == "tensorrt":  # TensorRT hands unsupported nodes to CUDA
         providers.append(("CUDAExecutionProvider", {"device_id": device_id}))
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        # ORT prints an "EP Error ... Falling back" banner to stdout before retrying on CPU; what it made is checked below
+        with contextlib.redirect_stdout(io.StringIO()):
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CifarxError(f"ONNX Runtime could not load {path}: {message}") from None

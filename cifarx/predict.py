@@ -43,6 +43,9 @@ def predict(model_path: str | Path, image_paths: list[str | Path], top_k: int = 
     if info["input_dtype"] == "float16":
         images = images.astype(np.float16)
     logits = session.run([info["output_names"][0]], {info["input_name"]: images})[0].astype(np.float64)
+    finite = np.isfinite(logits).all(axis=1)
+    if not finite.all():  # damaged weights or float16 overflow: refuse rather than print "nan%"
+        raise CifarxError(f"{model_path} gave non-finite outputs for {image_paths[int(np.argmin(finite))]}")
     probabilities = softmax(logits)
     results = []
     for path, row in zip(image_paths, probabilities):

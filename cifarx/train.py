@@ -343,6 +343,9 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
         raise CifarxError("labelled_fraction needs batch-wise augmentation (crop, flip, cutout), not "
                           f"{sorted(PER_IMAGE_AUGMENTATIONS & set(config.augment))}")
     class_names = train_set.class_names
+    if payload is not None and class_names != payload["class_names"]:
+        raise CifarxError(f"cannot resume: the classes in {config.data} are now {class_names}, the run was started "
+                          f"with {payload['class_names']}")
     torch.manual_seed(config.seed)
     # A model may resolve its arguments (transfer backbones: downloaded weights -> a plain label), so the
     # checkpoint stores `rebuild_kwargs`, and resuming rebuilds from them without downloading anything.
@@ -376,9 +379,9 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
             ema.module.load_state_dict(saved["ema"])
         state = RunState(**saved["run"])
         state.partial = {**RunState().partial, **state.partial}  # counters added since the checkpoint was written
+        write_metrics(run_dir, state.history)  # a kill between last.pt and metrics.csv left the file one epoch behind
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", config.to_dict())
+        atomic_write_json(run_dir / "config.json", config.to_dict())  # makes run_dir, or says why it cannot
     step_model = torch.compile(model) if config.compile else model
     images_on_device = train_set.images.to(device)
     inference_model = ema.module if ema is not None else model
