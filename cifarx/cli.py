@@ -7,6 +7,7 @@ never imports torch.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import warnings
 
@@ -25,7 +26,9 @@ class CifarxGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            argv = list(sys.argv[1:] if args is None else args)
+            extra.setdefault("obj", {"command": shlex.join(["cifarx", *argv])})  # recorded in runs and model cards
+            super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except TrainingInterrupted as error:
             error_console.print(f"[yellow]{escape(str(error))}[/]", highlight=False, soft_wrap=True)
             sys.exit(130)
@@ -171,14 +174,22 @@ class RichReporter:
 @click.option("--set", "settings", multiple=True, callback=_parse_settings, help="KEY=VALUE for any other training setting")
 @click.option("--out", help="run folder (config, metrics, curves, checkpoints)")
 @click.option("--resume", type=click.Path(), help="continue the interrupted run in this folder")
+@click.option("--nproc", type=click.IntRange(1), help="train on N processes of this machine (DistributedDataParallel "
+              "via torchrun; N GPUs with --device cuda); --batch-size stays the global batch (docs/distributed.md)")
+@click.option("--sync-bn/--no-sync-bn", default=None, help="distributed: BatchNorm statistics over the global batch")
 def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
           label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
           seed, patience, device, threads, compile_, channels_last, model_args, settings, out, resume,
-          img_size, freeze, pretrained, weights, backbone_lr_scale, cached_features):
+          img_size, freeze, pretrained, weights, backbone_lr_scale, cached_features, nproc, sync_bn):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png."""
     from cifarx.config import make_train_config
+    from cifarx.distributed import is_main_process, launch_training
     from cifarx.train import train as run_training
 
+    console.quiet = not is_main_process()  # under torchrun, rank 0 alone prints progress and the summary
+    if resume and nproc:
+        launch_training(nproc, click.get_current_context().obj["command"], resume)
+        return
     if resume:
         summary = run_training(resume=resume, reporter=RichReporter())
     else:
@@ -196,7 +207,9 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
             # The recipe, with the seed's budget (1,500 labelled + 10,000 unlabelled images) unless overridden.
             preset = f"vae-ssl-{method or 'm2'}"
         overrides.update(settings)
+        overrides["command"] = click.get_current_context().obj["command"]
         overrides.update(backbone_lr_scale=backbone_lr_scale, cached_features=cached_features)
+        overrides.update(sync_bn=sync_bn)
         transfer_args = dict(img_size=img_size, freeze=freeze, pretrained=pretrained, weights=weights)
         model_args = {**{k: v for k, v in transfer_args.items() if v is not None}, **model_args}
         if model_args:
@@ -204,6 +217,9 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
         config = make_train_config(preset, **overrides)
         if config.out == "runs/latest" and out is None:
             config.out = f"runs/{config.model.replace('/', '-')}"
+        if nproc:  # the settings were checked here, once; the ranks run this command without --nproc
+            launch_training(nproc, click.get_current_context().obj["command"], config.out)
+            return
         console.print(f"training [bold]{config.model}[/] on {config.data} -> {config.out}", highlight=False)
         summary = run_training(config, reporter=RichReporter())
     console.print_json(json.dumps(summary))
@@ -222,12 +238,22 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
 @click.option("--data", help="images for the parity check (default: the run's own data)")
 @click.option("--data-root")
 @click.option("--parity-images", type=click.IntRange(1), default=256, show_default=True)
-def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images):
+@click.option("--card", is_flag=True, help="also write FILE.json and FILE.md model cards beside the ONNX file")
+@click.option("--val-run", "val_runs", multiple=True, type=click.Path(),
+              help="run folder(s) whose validation accuracy the card reports (e.g. seeds of the same recipe)")
+@click.option("--card-note", help="a remark for the model card (e.g. how the training time was measured)")
+def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images, card, val_runs, card_note):
     """Export a run folder or checkpoint to ONNX, then check parity with PyTorch on real images."""
     from cifarx.export import export_onnx
 
     report = export_onnx(checkpoint, output, opset=opset, tta=tta, fp16=fp16, data=data, data_root=data_root,
                          parity_count=parity_images)
+    if card:
+        from cifarx.card import write_model_card
+
+        written = write_model_card(checkpoint, output, report, val_runs, click.get_current_context().obj["command"],
+                                   card_note)
+        console.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
     console.print(
         f"wrote {report['output']} ({report['bytes'] / 1e6:.2f} MB, opset {report['opset']}); parity on "
         f"{report['images']} images: top-1 agreement {report['top1_agreement']:.2%}, "
@@ -249,26 +275,29 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images)
 @click.option("--device-id", type=int, default=0, show_default=True)
 @click.option("--cudnn-conv-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]))
 @click.option("--batch-sizes", default="1,64", callback=_parse_int_list, show_default=True)
-@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads")
-@click.option("--graph-optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
+@click.option("--threads", callback=_parse_int_list,
+              help="ONNX Runtime intra-op threads; a comma list (e.g. 1,2) sweeps them, `latency` is the first")
+@click.option("--graph-optimization", type=click.Choice(["disable", "basic", "extended", "layout", "all"]), default="all", show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--compare-torch", "compare_torch", type=click.Path(),
+              help="run folder or checkpoint the file was exported from: time PyTorch eager on the same inputs too")
 @click.option("--json", "json_path", type=click.Path(), help="write the full result as JSON")
-@click.option("--plots", type=click.Path(), help="folder for the confusion-matrix PNG")
+@click.option("--plots", type=click.Path(), help="folder for the confusion-matrix and latency-vs-batch-size PNGs")
 def eval_(model_file, data, data_root, split, val_size, seed, provider, device_id, cudnn_conv_algo_search, batch_sizes,
-          threads, graph_optimization, warmup, repeats, json_path, plots):
+          threads, graph_optimization, warmup, repeats, compare_torch, json_path, plots):
     """Accuracy, per-class accuracy and latency of an ONNX file on an ONNX Runtime provider."""
     from pathlib import Path
 
     from rich.table import Table
 
-    from cifarx.evaluate import evaluate_onnx, save_confusion_png
+    from cifarx.evaluate import evaluate_onnx, save_confusion_png, save_latency_png
     from cifarx.io import atomic_write_json
 
     result = evaluate_onnx(model_file, data=data, split=split, provider=provider, batch_sizes=batch_sizes,
                            threads=threads, graph_optimization=graph_optimization, warmup=warmup, repeats=repeats,
                            device_id=device_id, data_root=data_root, val_size=val_size, seed=seed,
-                           cudnn_conv_algo_search=cudnn_conv_algo_search)
+                           cudnn_conv_algo_search=cudnn_conv_algo_search, compare_torch=compare_torch)
     if "accuracy" in result:
         console.print(f"{split} accuracy on {result['images']} images: [bold]{result['accuracy']:.2%}[/]", highlight=False)
         table = Table(title="per-class accuracy")
@@ -278,15 +307,89 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
             table.add_row(name, f"{value:.2%}")
         console.print(table)
     table = Table(title=f"latency on {result['provider']}")
-    for column in ("batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
+    for column in ("runtime", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
         table.add_column(column, justify="right")
-    for batch, stats in result["latency"].items():
-        table.add_row(batch, f"{stats['p50_ms']:.3f}", f"{stats['p90_ms']:.3f}", f"{stats['p99_ms']:.3f}", f"{stats['images_per_s']:.0f}")
+    for runtime, key in (("onnxruntime", "latency"), ("torch eager", "torch_latency")):
+        sweep = result.get(f"{key}_by_threads") or ({str(result["threads"] or "default"): result[key]} if key in result else {})
+        for threads_used, by_batch in sweep.items():
+            for batch, stats in by_batch.items():
+                table.add_row(runtime, threads_used, batch, f"{stats['p50_ms']:.3f}", f"{stats['p90_ms']:.3f}",
+                              f"{stats['p99_ms']:.3f}", f"{stats['images_per_s']:.0f}")
     console.print(table)
+    if "parity" in result:
+        parity = result["parity"]
+        console.print(f"parity with PyTorch on {parity['images']} images: top-1 agreement {parity['top1_agreement']:.2%}, "
+                      f"max |delta logit| {parity['max_abs_logit_delta']:.2e}", highlight=False)
     if plots and "confusion_matrix" in result:
         png = Path(plots) / f"{Path(model_file).stem}-confusion.png"
         save_confusion_png(result, png)
         console.print(f"wrote {png}", highlight=False)
+    if plots:
+        png = Path(plots) / f"{Path(model_file).stem}-latency.png"
+        save_latency_png(result, png)
+        console.print(f"wrote {png}", highlight=False)
+    if json_path:
+        atomic_write_json(json_path, result)
+        console.print(f"wrote {json_path}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+
+
+@cli.command()
+@click.argument("model_file", type=click.Path())
+@click.option("--data", required=True, help="image folder or 'cifar10': calibration images come from its train split")
+@click.option("--data-root")
+@click.option("-o", "--output", required=True, type=click.Path(), help="the int8 .onnx file to write")
+@click.option("--calibration-images", type=click.IntRange(1), default=512, show_default=True,
+              help="training images (outside the model's validation split) the activation ranges are measured on")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="uint8 activations with int8 weights (U8S8) is ONNX Runtime's choice for x86 CPUs")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="one weight scale per output channel")
+@click.option("--reduce-range", is_flag=True, help="7-bit weights, for x86 CPUs without VNNI")
+@click.option("--compare/--no-compare", default=True, show_default=True,
+              help="then measure int8 against fp32: accuracy on --split, CPU speed at --batch-sizes")
+@click.option("--split", type=click.Choice(["test", "val"]), default="val", show_default=True,
+              help="val: the validation split recorded in the model")
+@click.option("--batch-sizes", default="1,256", callback=_parse_int_list, show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads for the comparison")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--json", "json_path", type=click.Path(), help="write the quantisation and comparison as JSON")
+def quantize(model_file, data, data_root, output, calibration_images, calibration_method, activation_type, per_channel,
+             reduce_range, compare, split, batch_sizes, threads, warmup, repeats, json_path):
+    """Static int8 quantisation (QDQ) with ONNX Runtime, then int8 and fp32 accuracy and speed side by side."""
+    from rich.table import Table
+
+    from cifarx.io import atomic_write_json
+    from cifarx.quantize import compare_int8, quantize_onnx
+
+    report = quantize_onnx(model_file, output, data=data, calibration_count=calibration_images,
+                           calibration_method=calibration_method, activation_type=activation_type,
+                           per_channel=per_channel, reduce_range=reduce_range, data_root=data_root)
+    console.print(f"wrote {report['output']} ({report['bytes'] / 1e6:.2f} MB, from {report['source_bytes'] / 1e6:.2f} MB); "
+                  f"calibrated on {report['calibration_images']} images ({calibration_method})", highlight=False)
+    result = {"quantization": report}
+    if compare:
+        comparison = compare_int8(model_file, output, data=data, split=split, batch_sizes=batch_sizes, threads=threads,
+                                  warmup=warmup, repeats=repeats, data_root=data_root)
+        result["comparison"] = comparison
+        table = Table(title=f"int8 vs fp32 on {comparison['environment']['cpu']}, {split} split ({comparison['images']} images)")
+        table.add_column("model")
+        table.add_column("accuracy", justify="right")
+        for batch in comparison["models"]["fp32"]["latency"]:
+            table.add_column(f"batch {batch} p50 ms", justify="right")
+            table.add_column(f"batch {batch} images/s", justify="right")
+        for name, measured in comparison["models"].items():
+            cells = [f"{measured['accuracy']:.2%}"]
+            for stats in measured["latency"].values():
+                cells += [f"{stats['p50_ms']:.3f}", f"{stats['images_per_s']:.0f}"]
+            table.add_row(name, *cells)
+        console.print(table)
+        speedups = ", ".join(f"{s:.2f}x at batch {b}" for b, s in comparison["speedup"].items())
+        console.print(f"int8: {0.0 - comparison['accuracy_drop_points']:+.2f} accuracy points, top-1 agreement with fp32 "
+                      f"{comparison['agreement']['top1_agreement']:.2%}, throughput {speedups}", highlight=False)
     if json_path:
         atomic_write_json(json_path, result)
         console.print(f"wrote {json_path}", highlight=False)

@@ -57,12 +57,16 @@ class TrainConfig:
     cached_features: bool = False  # transfer with a frozen backbone: features once (cached), then fit the head
     schedule: str = "constant"
     warmup_epochs: float = 0.0
+    initial_lr_fraction: float = 0.0  # warm-up starts at lr x this
     milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr is multiplied by gamma
     gamma: float = 0.1
     final_lr_fraction: float = 0.0  # cosine/linear/onecycle end at lr x this
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # parameter EMA per step; 0 = off
     ema_every: int = 1  # update the EMA every this many steps (decay is per update)
+    lookahead_every: int = 0  # every this many steps pull the weights to their running average; 0 = off
+    lookahead_decay: float = 0.95**5  # the average's decay at the end of training...
+    lookahead_power: float = 3.0  # ...reached as decay x progress**power: weak early, strong as the lr anneals
     # augmentation (training batches only)
     augment: list[str] = field(default_factory=lambda: ["crop", "flip"])
     crop_padding: int = 4
@@ -77,7 +81,12 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     workers: int = 2  # DataLoader workers, only for per-image torchvision augmentations
+    # under torchrun (docs/distributed.md): BatchNorm statistics over the global batch instead of each rank's share,
+    # and how long a rank waits for the others in a collective before the job stops with an error
+    sync_bn: bool = False
+    dist_timeout: float = 600.0  # seconds
     out: str = "runs/latest"
+    command: str | None = None  # the command line that started the run, for model cards
     preset: str | None = None
 
     def validate(self) -> None:

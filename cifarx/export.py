@@ -145,5 +145,5 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
                 f"x max(1, largest |logit| {report['max_abs_logit']:.3g}) "
                 f"(top-1 agreement {report['top1_agreement']:.4f}); no file written"
             )
-    report.update({"output": str(output), "opset": opset, "bytes": output.stat().st_size})
+    report.update({"output": str(output), "opset": opset, "tta": tta, "bytes": output.stat().st_size})
     return report

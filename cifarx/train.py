@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifarx import data as datamod
+from cifarx import distributed
 from cifarx.checkpoint import read_checkpoint, save_checkpoint
 from cifarx.config import TrainConfig
 from cifarx.errors import CifarxError, TrainingInterrupted
@@ -108,14 +109,23 @@ def uses_dataloader(config: TrainConfig) -> bool:
 
 
 def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: int, device: torch.device,
-                     images_on_device: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's (float images in [0,1], labels) batches, deterministic in (seed, epoch)."""
+                     images_on_device: torch.Tensor, rank: int = 0,
+                     world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's (float images in [0,1], labels) batches, deterministic in (seed, epoch).
+
+    Under torchrun every rank draws the same global batches (config.batch_size images) and keeps rows
+    rank::world_size of each, so the ranks' shards are disjoint and together are what one process trains on.
+    """
     order = torch.Generator().manual_seed(_seed(config.seed, epoch, 0))
     if uses_dataloader(config):
+        # Each rank loads only its rows; per-image transforms use the rank's own random stream.
+        shards = [index[rank::world_size].tolist()
+                  for index in datamod.iterate_batches(len(train_set), config.batch_size, order, drop_last=True)]
+        worker_seeds = torch.Generator().manual_seed(distributed.rank_seed(_seed(config.seed, epoch, 1), rank))
         loader = torch.utils.data.DataLoader(
-            _TransformedImages(train_set, _torchvision_transform(config)), batch_size=config.batch_size,
-            shuffle=True, drop_last=True, num_workers=config.workers, generator=order,
-            persistent_workers=False, pin_memory=device.type == "cuda",
+            _TransformedImages(train_set, _torchvision_transform(config)), batch_sampler=shards,
+            num_workers=config.workers, generator=worker_seeds, persistent_workers=False,
+            pin_memory=device.type == "cuda",
         )
         for images, labels in loader:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -135,18 +145,21 @@ def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: in
             flip="flip" in config.augment, cutout=config.cutout_size if "cutout" in config.augment else 0,
             translate_mode=config.translate_mode,
         )
-        yield images, labels_on_device[index.to(device)]
+        shard = slice(rank, None, world_size)  # augmented as one global batch: any world size sees the same images
+        yield images[shard], labels_on_device[index.to(device)][shard]
 
 
 # ---------------------------------------------------------------------------------------------- optimiser
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """Two groups: weights of convs/linears, and normalisation weights plus biases (own lr scale and decay)."""
+    """Two groups: normalisation-layer parameters (own lr scale and decay), and everything else."""
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
     norm_params, other_params = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (norm_params if parameter.ndim <= 1 else other_params).append(parameter)
+            (norm_params if id(parameter) in norm_ids else other_params).append(parameter)
     norm_decay = config.weight_decay if config.norm_weight_decay is None else config.norm_weight_decay
     groups = [
         {"params": other_params, "lr": config.lr, "weight_decay": config.weight_decay},
@@ -194,7 +207,7 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, config: TrainCo
     """
     warmup = round(config.warmup_epochs * steps_per_epoch)
     if step < warmup:
-        return (step + 1) / warmup
+        return config.initial_lr_fraction + (1 - config.initial_lr_fraction) * (step + 1) / warmup
     if config.schedule == "constant":
         return 1.0
     if config.schedule == "multistep":
@@ -204,6 +217,25 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, config: TrainCo
     if config.schedule == "cosine":
         return end + (1 - end) * (1 + math.cos(math.pi * progress)) / 2
     return 1 - (1 - end) * progress  # linear, and onecycle (= linear warm-up then linear decay)
+
+
+class Lookahead:
+    """Every few steps: average <- lerp(average, weights, 1 - decay), then weights <- average.
+
+    The averaged weights are copied back into the network (Lookahead, as airbench uses it), and the decay
+    follows the training's progress; timm's Lookahead optimizer wrapper has a fixed rate, hence this class.
+    The last step copies the average in (decay 1). BatchNorm statistics are averaged with the weights.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        for name, tensor in model.state_dict().items():
+            if name in self.average:
+                self.average[name].lerp_(tensor, 1 - decay)
+                tensor.copy_(self.average[name])
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -248,7 +280,8 @@ class RunState:
     # "labelled": images with a label among those seen (train accuracy's denominator; -1 = unlabelled image)
     partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0, "labelled": 0,
                                                    "data_seconds": 0.0})
-    rng_state: torch.Tensor | None = None  # global torch RNG at step_in_epoch (dropout, stochastic depth...)
+    # global torch RNG at step_in_epoch (dropout, stochastic depth...); one row per rank under torchrun
+    rng_state: torch.Tensor | None = None
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -312,7 +345,16 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def train(config: TrainConfig | None = None, reporter: Reporter | None = None, resume: str | Path | None = None) -> dict:
-    """Train (or resume) a run; writes RUN_DIR/{config.json,metrics.csv,curves.png,last.pt,best.pt,summary.json}."""
+    """Train (or resume) a run; writes RUN_DIR/{config.json,metrics.csv,curves.png,last.pt,best.pt,summary.json}.
+
+    Under torchrun every rank calls this: DistributedDataParallel, rank 0 reports and writes (docs/distributed.md).
+    """
+    with distributed.Ranks.from_env() as ranks:
+        return _train(config, reporter if ranks.is_main else None, resume, ranks)
+
+
+def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | Path | None,
+           ranks: distributed.Ranks) -> dict:
     reporter = reporter or SilentReporter()
     payload = None
     if resume is not None:
@@ -333,10 +375,10 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
         return fit_linear_head(config, reporter)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = _resolve_device(config.device)
+    device = ranks.join(_resolve_device(config.device), config.batch_size, config.dist_timeout)
     run_dir = Path(config.out)
 
-    train_set, val_set = split_train_val(config)
+    train_set, val_set = ranks.main_first(split_train_val, config)
     if len(train_set) < config.batch_size:
         raise CifarxError(f"batch size {config.batch_size} is larger than the {len(train_set)} training images")
     if config.labelled_fraction and uses_dataloader(config):
@@ -357,6 +399,8 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    if config.sync_bn:  # under torchrun; checkpoints keep plain BatchNorm keys
+        model = ranks.sync_batchnorm(model)
     optimizer = build_optimizer(model, config)
     steps_per_epoch = len(train_set) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
@@ -368,6 +412,7 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.ema_decay)
+    lookahead = Lookahead(model) if config.lookahead_every else None
     objective = make_objective(config.objective, label_smoothing=config.label_smoothing, **config.objective_kwargs)
     state = RunState()
     if payload is not None:
@@ -377,21 +422,28 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
         scheduler.load_state_dict(saved["scheduler"])
         if ema is not None:
             ema.module.load_state_dict(saved["ema"])
+        if lookahead is not None:
+            lookahead.average = saved["lookahead"]
         state = RunState(**saved["run"])
         state.partial = {**RunState().partial, **state.partial}  # counters added since the checkpoint was written
-        write_metrics(run_dir, state.history)  # a kill between last.pt and metrics.csv left the file one epoch behind
-    else:
+        if ranks.is_main:  # a kill between last.pt and metrics.csv left the file one epoch behind
+            write_metrics(run_dir, state.history)
+    elif ranks.is_main:
         atomic_write_json(run_dir / "config.json", config.to_dict())  # makes run_dir, or says why it cannot
-    step_model = torch.compile(model) if config.compile else model
+    step_model, objective = ranks.data_parallel(model, objective)  # one process: both as they are
+    step_model = torch.compile(step_model) if config.compile else step_model
     images_on_device = train_set.images.to(device)
     inference_model = ema.module if ema is not None else model
 
     def checkpoint(name: str, with_state: bool, metrics: dict) -> None:
+        if not ranks.is_main:
+            return
         train_state = None
         if with_state:
             train_state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "run": state.__dict__,
+                "lookahead": lookahead.average if lookahead is not None else None,
             }
         save_checkpoint(
             run_dir / name, model_name=config.model, model_kwargs=model_kwargs, class_names=class_names,
@@ -406,13 +458,14 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
             reporter.start_epoch(epoch, config.epochs, steps_per_epoch)
             skip = state.step_in_epoch
             if skip == 0:
-                torch.manual_seed(_seed(config.seed, epoch, 2))
+                torch.manual_seed(ranks.rank_seed(_seed(config.seed, epoch, 2)))
             epoch_start = time.perf_counter()
             data_start = time.perf_counter()
-            for step, (images, labels) in enumerate(training_batches(train_set, config, epoch, device, images_on_device)):
+            batches = training_batches(train_set, config, epoch, device, images_on_device, ranks.rank, ranks.world_size)
+            for step, (images, labels) in enumerate(batches):
                 if step < skip:  # replaying a Ctrl-C checkpoint: advance the augmentation RNG, train nothing
                     if step == skip - 1:
-                        torch.set_rng_state(state.rng_state)
+                        torch.set_rng_state(ranks.own_rng_state(state.rng_state))
                     data_start = time.perf_counter()
                     continue
                 if config.channels_last:
@@ -426,22 +479,33 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
                 state.global_step += 1
                 if ema is not None and state.global_step % config.ema_every == 0:
                     ema.update(model)
-                state.partial["loss_sum"] += out["loss"].item() * len(labels)
-                state.partial["correct"] += (out["logits"].argmax(1) == labels).sum().item()
-                state.partial["seen"] += len(labels)
-                state.partial["labelled"] += (labels >= 0).sum().item()
-                reporter.advance(out["loss"].item())
-                if interrupt.raised:
+                if lookahead is not None and (state.global_step % config.lookahead_every == 0
+                                              or state.global_step == total_steps):
+                    progress = state.global_step / total_steps
+                    lookahead.update(model, 1.0 if progress == 1 else config.lookahead_decay * progress**config.lookahead_power)
+                # Under torchrun every rank adds the global batch's sums; all stop at the step any was interrupted.
+                step_sums, interrupted = ranks.sum_step({
+                    "loss_sum": out["loss"].item() * len(labels),
+                    "correct": (out["logits"].argmax(1) == labels).sum().item(),
+                    "seen": len(labels), "labelled": (labels >= 0).sum().item(),
+                }, interrupt.raised)
+                for key, value in step_sums.items():
+                    state.partial[key] += value
+                reporter.advance(step_sums["loss_sum"] / step_sums["seen"])
+                if interrupted:
                     state.step_in_epoch = step + 1
                     state.train_seconds += time.perf_counter() - epoch_start
-                    state.rng_state = torch.get_rng_state()
+                    state.rng_state = ranks.gather_rng_states()
                     checkpoint("last.pt", True, {})
+                    ranks.barrier()  # last.pt is on disk before any rank exits (torchrun then stops the rest)
                     raise TrainingInterrupted(
                         f"interrupted at epoch {epoch + 1} step {step + 1}; checkpoint saved, "
                         f"continue with: cifarx train --resume {run_dir}"
                     )
                 data_start = time.perf_counter()
-            validation = evaluate(inference_model, val_set, config.eval_batch_size, device, channels_last=config.channels_last)
+            # Under torchrun rank 0 validates (its weights are the ones saved) and the others receive its figures.
+            validation = ranks.run_on_main(evaluate, inference_model, val_set, config.eval_batch_size, device,
+                                           channels_last=config.channels_last)
             state.train_seconds += time.perf_counter() - epoch_start
             partial = state.partial
             row = {
@@ -469,13 +533,15 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
             if stop_early:
                 state.epoch = config.epochs
             checkpoint("last.pt", True, {"val_accuracy": validation["accuracy"], "epoch": epoch + 1})
-            write_metrics(run_dir, state.history)
-            if hasattr(inference_model, "on_epoch_end"):  # a model's own per-epoch figures (vae-ssl: samples, latents)
+            if ranks.is_main:
+                write_metrics(run_dir, state.history)
+            # a model's own per-epoch figures (vae-ssl: samples, latents)
+            if ranks.is_main and hasattr(inference_model, "on_epoch_end"):
                 inference_model.on_epoch_end(run_dir, val_set, epoch + 1)
             reporter.end_epoch(row)
             if stop_early:
                 reporter.message(f"early stop: no better validation accuracy for {config.patience} epochs")
-    return summarize(run_dir, config, state, len(train_set), val_set, device)
+    return ranks.run_on_main(summarize, run_dir, config, state, len(train_set), val_set, device)
 
 
 def summarize(run_dir: Path, config: TrainConfig, state: RunState, train_images: int, val_set: datamod.ImageSet,
@@ -487,7 +553,9 @@ def summarize(run_dir: Path, config: TrainConfig, state: RunState, train_images:
     summary = {
         "model": config.model, "preset": config.preset, "epochs_run": len(state.history),
         "train_seconds": round(state.train_seconds, 1), "train_images": train_images,
-        "final_val_accuracy": last["val_accuracy"], "best_val_accuracy": state.best_val_accuracy,
+        # None, not NaN, when there is no validation split (--val-size 0): JSON has no NaN
+        "final_val_accuracy": last["val_accuracy"] if len(val_set) else None,
+        "best_val_accuracy": state.best_val_accuracy if len(val_set) else None,
         "val_images": len(val_set), "seed": config.seed,
     }
     if config.tta != "none" and len(val_set):

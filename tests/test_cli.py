@@ -130,3 +130,20 @@ def test_export_metadata_describes_the_model(trained_run):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
     onnx.checker.check_model(model)
+
+
+def test_export_card_names_the_commands_and_the_validation_figures(image_folder, tmp_path):
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        assert run("train", "--data", image_folder, "--epochs", 1, "--batch-size", 16, "--val-size", 16,
+                   "--seed", seed, "--out", out).exit_code == 0
+        runs.append(out)
+    result = run("export", runs[0], "-o", tmp_path / "m.onnx", "--card", "--val-run", runs[0], "--val-run", runs[1])
+    assert result.exit_code == 0, result.output
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["val_accuracy"]["n"] == 2 and 0 <= card["val_accuracy"]["mean"] <= 1
+    assert card["command"].startswith("cifarx train") and "--seed 0" in card["command"]
+    assert card["export_command"].startswith("cifarx export") and card["epochs"] == 1 and card["train_seconds"] > 0
+    assert card["sha256"] and card["parity"]["top1_agreement"] == 1.0
+    assert "cifarx train" in (tmp_path / "m.md").read_text()

@@ -97,3 +97,52 @@ def test_export_folds_tta_into_the_graph(trained_run, tmp_path):
         plain = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert not np.allclose(got, plain, atol=1e-4)
+
+
+def test_lookahead_pulls_weights_to_their_average_and_copies_it_back():
+    from cifarx.train import Lookahead
+
+    model = torch.nn.Linear(3, 2)
+    lookahead = Lookahead(model)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    moved = model.weight.detach().clone()
+    lookahead.update(model, decay=0.75)
+    expected = 0.75 * start + 0.25 * moved
+    assert torch.allclose(lookahead.average["weight"], expected) and torch.allclose(model.weight, expected)
+    lookahead.update(model, decay=1.0)  # the final copy: the network takes the average unchanged
+    assert torch.allclose(model.weight, expected)
+
+
+def test_lookahead_run_resumes_exactly(image_folder, tmp_path):
+    import os
+    import signal
+
+    from cifarx.checkpoint import read_checkpoint
+    from cifarx.config import make_train_config
+    from cifarx.errors import TrainingInterrupted
+    from cifarx.train import SilentReporter, train
+
+    class InterruptAt(SilentReporter):
+        def __init__(self):
+            self.steps = 0
+
+        def advance(self, loss):
+            self.steps += 1
+            if self.steps == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def config(out):
+        return make_train_config(model="fast", data=str(image_folder), epochs=2, batch_size=16, val_size=16,
+                                 out=str(out), optimizer="sgd", lr=0.05, lookahead_every=2)
+
+    train(config(tmp_path / "ref"))
+    with pytest.raises(TrainingInterrupted):
+        train(config(tmp_path / "cut"), reporter=InterruptAt())
+    train(resume=tmp_path / "cut")
+    a = read_checkpoint(tmp_path / "ref" / "last.pt")["train_state"]
+    b = read_checkpoint(tmp_path / "cut" / "last.pt")["train_state"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert all(torch.equal(a["lookahead"][k], b["lookahead"][k]) for k in a["lookahead"])

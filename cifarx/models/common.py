@@ -44,6 +44,8 @@ class TestTimeAugmentation(nn.Module):
     and down-right (reflect padding), weighted half and half.
     """
 
+    __test__ = False  # not a pytest test class, despite the name
+
     def __init__(self, model: nn.Module, mode: str = "flip"):
         super().__init__()
         if mode not in ("flip", "flip-translate"):
