@@ -70,8 +70,7 @@ def measure_latency(session, info: dict, images: np.ndarray, batch_sizes: list[i
     dtype = np.float16 if info["input_dtype"] == "float16" else np.float32
     results = {}
     for batch_size in batch_sizes:
-        index = np.arange(batch_size) % len(images)
-        batch = np.ascontiguousarray(images[index].astype(dtype) / dtype(255))
+        batch = float_batch(images, batch_size, dtype)
         if provider in ("cuda", "tensorrt"):
             binding = session.io_binding()
             binding.bind_ortvalue_input(info["input_name"], ort.OrtValue.ortvalue_from_numpy(batch, "cuda", device_id))
@@ -87,15 +86,82 @@ def measure_latency(session, info: dict, images: np.ndarray, batch_sizes: list[i
             def run():
                 session.run(info["output_names"], feed)
 
-        for _ in range(warmup):
-            run()
-        times = np.empty(repeats)
-        for i in range(repeats):
-            start = time.perf_counter()
-            run()
-            times[i] = time.perf_counter() - start
-        results[str(batch_size)] = latency_stats(times, batch_size)
+        results[str(batch_size)] = latency_stats(timed_runs(run, warmup, repeats), batch_size)
     return results
+
+
+def float_batch(images: np.ndarray, batch_size: int, dtype=np.float32) -> np.ndarray:
+    """`batch_size` of the uint8 images (cycled if there are fewer) as contiguous floats in [0,1]."""
+    index = np.arange(batch_size) % len(images)
+    return np.ascontiguousarray(images[index].astype(dtype) / dtype(255))
+
+
+def timed_runs(run, warmup: int, repeats: int) -> np.ndarray:
+    """Seconds taken by each of `repeats` calls of `run()`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        run()
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = time.perf_counter()
+        run()
+        times[i] = time.perf_counter() - start
+    return times
+
+
+def measure_torch_latency(model, images: np.ndarray, batch_sizes: list[int], warmup: int = 5, repeats: int = 30,
+                          device: str = "cpu") -> dict:
+    """PyTorch eager on the same batches as `measure_latency`, same statistics (thread count is the caller's)."""
+    import torch
+
+    results = {}
+    model = model.to(device)
+    with torch.inference_mode():
+        for batch_size in batch_sizes:
+            batch = torch.from_numpy(float_batch(images, batch_size)).to(device)
+            if device.startswith("cuda"):
+                def run():
+                    model(batch)
+                    torch.cuda.synchronize(device)
+            else:
+                def run():
+                    model(batch)
+
+            results[str(batch_size)] = latency_stats(timed_runs(run, warmup, repeats), batch_size)
+    return results
+
+
+def torch_logits(model, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    """PyTorch logits for uint8 [N,3,32,32] images, fed exactly as `predict_logits` feeds ONNX Runtime."""
+    import torch
+
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[start : start + batch_size].astype(np.float32) / np.float32(255))
+            outputs.append(model(batch.to(device)).float().cpu().numpy())
+    return np.concatenate(outputs)
+
+
+def logit_parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """How far `candidate` logits are from `reference`: top-1 agreement and the largest |delta logit|."""
+    return {"images": len(reference), "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+            "max_abs_logit_delta": float(np.abs(reference - candidate).max()),
+            "max_abs_logit": float(np.abs(reference).max())}
+
+
+def load_torch_reference(run: str | Path, info: dict):
+    """The PyTorch model an ONNX file was exported from, refusing a checkpoint whose hash is not the recorded one."""
+    from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
+    from cifarx.models.common import TestTimeAugmentation
+
+    checkpoint = resolve_checkpoint(run)
+    recorded = info["metadata"].get("checkpoint_sha256")
+    if recorded and file_sha256(checkpoint) != recorded:
+        raise CifarxError(f"{checkpoint} is not the checkpoint this ONNX file was exported from (sha256 differs from "
+                          "its metadata); pass the exported checkpoint file to --compare-torch")
+    model, _ = load_model(checkpoint)
+    tta = info["metadata"].get("tta", "none")
+    return TestTimeAugmentation(model, tta).eval() if tta != "none" else model
 
 
 def latency_stats(seconds: np.ndarray, batch_size: int) -> dict:
@@ -104,8 +170,8 @@ def latency_stats(seconds: np.ndarray, batch_size: int) -> dict:
             "images_per_s": round(batch_size / float(np.median(seconds)), 1), "runs": len(seconds)}
 
 
-def environment(session=None) -> dict:
-    """Where the numbers were measured: CPU, cores, ONNX Runtime version, available and active providers."""
+def environment(session=None, device_id: int = 0) -> dict:
+    """Where the numbers were measured: CPU, cores, ONNX Runtime version, available and active providers (and GPU)."""
     import os
 
     import onnxruntime as ort
@@ -122,18 +188,65 @@ def environment(session=None) -> dict:
            "providers_available": ort.get_available_providers(), "python": platform.python_version()}
     if session is not None:
         env["providers_active"] = session.get_providers()
+        if env["providers_active"][0] != "CPUExecutionProvider":
+            env["gpu"] = gpu_environment(device_id)
     return env
 
 
+def gpu_environment(device_id: int = 0) -> dict:
+    """GPU name, driver, CUDA and cuDNN versions, from whichever of nvidia-smi, PyTorch and the ORT build is present."""
+    import shutil
+    import subprocess
+
+    from onnxruntime.capi import build_and_package_info
+
+    gpu: dict = {"device_id": device_id, "onnxruntime_cuda": getattr(build_and_package_info, "cuda_version", None),
+                 "onnxruntime_cudnn": getattr(build_and_package_info, "cudnn_version", None)}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            line = subprocess.run([smi, f"--id={device_id}", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()[0]
+            gpu["name"], gpu["driver"] = (part.strip() for part in line.rsplit(",", 1))
+        except (OSError, subprocess.SubprocessError, IndexError, ValueError):  # a broken driver must not stop a benchmark
+            pass
+    try:
+        import torch
+    except ImportError:
+        return gpu
+    if torch.cuda.is_available():
+        gpu.setdefault("name", torch.cuda.get_device_name(device_id))
+        gpu["torch_cuda"] = torch.version.cuda
+        gpu["torch_cudnn"] = torch.backends.cudnn.version()
+    return gpu
+
+
 def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "test", provider: str = "cpu",
-                  batch_sizes: list[int] = (1, 64), threads: int | None = None, graph_optimization: str = "all",
+                  batch_sizes: list[int] = (1, 64), threads: int | list[int] | None = None, graph_optimization: str = "all",
                   warmup: int = 5, repeats: int = 30, device_id: int = 0, data_root: str | None = None,
-                  val_size: int | None = None, seed: int | None = None, cudnn_conv_algo_search: str | None = None) -> dict:
-    """Accuracy (when `data` is given) and latency of an ONNX file on one provider; a JSON-ready dict."""
-    session = create_session(model_path, provider, threads=threads, graph_optimization=graph_optimization,
-                             device_id=device_id, cudnn_conv_algo_search=cudnn_conv_algo_search)
+                  val_size: int | None = None, seed: int | None = None, cudnn_conv_algo_search: str | None = None,
+                  compare_torch: str | Path | None = None, parity_images: int = 1024) -> dict:
+    """Accuracy (when `data` is given) and latency of an ONNX file on one provider; a JSON-ready dict.
+
+    `threads` may list several intra-op thread counts: `latency` is measured at the first, `latency_by_threads` at
+    each. `compare_torch` (the run folder or checkpoint that was exported) adds PyTorch eager on the same batches
+    with the same thread counts (`torch_latency`) and the agreement of its logits with ONNX Runtime's (`parity`).
+    """
+    thread_counts = list(dict.fromkeys([threads] if threads is None or isinstance(threads, int) else threads))
+    if compare_torch is not None and thread_counts == [None]:
+        import torch
+
+        # ORT's default (physical cores) and torch's need not agree: pin both to torch's, so neither gets more cores.
+        thread_counts = [torch.get_num_threads()]
+
+    def open_session(count):
+        return create_session(model_path, provider, threads=count, graph_optimization=graph_optimization,
+                              device_id=device_id, cudnn_conv_algo_search=cudnn_conv_algo_search)
+
+    session = open_session(thread_counts[0])
     info = model_info(session)
     result: dict = {"model": str(model_path), "provider": session.get_providers()[0], "class_names": info["class_names"]}
+    logits = None
     if data is not None:
         image_set = load_eval_images(data, split, info, data_root, val_size, seed)
         to_model = datamod.class_index(info["class_names"], image_set.class_names).numpy()
@@ -143,11 +256,89 @@ def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "tes
         result.update(score(logits, to_model[image_set.labels.numpy()], info["class_names"]))
     else:
         images = np.random.default_rng(0).integers(0, 256, size=(max(batch_sizes), 3, 32, 32), dtype=np.uint8)
-    result["latency"] = measure_latency(session, info, images, list(batch_sizes), provider, warmup, repeats, device_id)
-    result["environment"] = environment(session)
+    latency_by_threads = {}
+    for count in thread_counts:
+        timed = session if count == thread_counts[0] else open_session(count)
+        latency_by_threads[str(count)] = measure_latency(timed, info, images, list(batch_sizes), provider, warmup, repeats, device_id)
+    result["latency"] = latency_by_threads[str(thread_counts[0])]
+    if len(thread_counts) > 1:
+        result["latency_by_threads"] = latency_by_threads
+    if compare_torch is not None:
+        parity_set = images[:parity_images]
+        onnx_logits = logits[:parity_images] if logits is not None else predict_logits(session, info, parity_set)
+        result.update(compare_with_torch(compare_torch, info, parity_set, onnx_logits, images, list(batch_sizes),
+                                         thread_counts, provider, warmup, repeats, device_id))
+    result["environment"] = environment(session, device_id)
     result["graph_optimization"] = graph_optimization
-    result["threads"] = threads
+    result["threads"] = thread_counts[0]
     return result
+
+
+def compare_with_torch(run: str | Path, info: dict, parity_set: np.ndarray, onnx_logits: np.ndarray, images: np.ndarray,
+                       batch_sizes: list[int], thread_counts: list[int], provider: str, warmup: int, repeats: int,
+                       device_id: int = 0) -> dict:
+    """PyTorch eager timings at each thread count and its logits against ONNX Runtime's, for `evaluate_onnx`."""
+    import torch
+
+    model = load_torch_reference(run, info)
+    device = "cpu" if provider == "cpu" else f"cuda:{device_id}"
+    if device != "cpu" and not torch.cuda.is_available():
+        raise CifarxError(f"--compare-torch on {provider} needs PyTorch with CUDA; this PyTorch has no usable GPU")
+    previous = torch.get_num_threads()
+    by_threads = {}
+    try:
+        for count in thread_counts:
+            torch.set_num_threads(count)
+            by_threads[str(count)] = measure_torch_latency(model, images, batch_sizes, warmup, repeats, device)
+        torch.set_num_threads(thread_counts[0])
+        reference = torch_logits(model, parity_set, device=device)
+    finally:
+        torch.set_num_threads(previous)
+    comparison = {
+        "torch_latency": by_threads[str(thread_counts[0])],
+        "parity": logit_parity(reference, onnx_logits),
+        "torch": {"version": torch.__version__, "device": device, "threads": thread_counts[0],
+                  "same_threads_as_onnxruntime": True, "mode": "eager, inference_mode, float32"},
+    }
+    if len(thread_counts) > 1:
+        comparison["torch_latency_by_threads"] = by_threads
+    return comparison
+
+
+def save_latency_png(result: dict, path: str | Path) -> None:
+    """p50 latency and images/s against batch size, per runtime and thread count, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cifarx.io import atomic_savefig
+
+    series = []
+    for runtime, key, label in (("onnx", "latency", f"ONNX Runtime {result['provider'].removesuffix('ExecutionProvider')}"),
+                                ("torch", "torch_latency", "PyTorch eager")):
+        if key in result:
+            by_threads = result.get(f"{key}_by_threads") or {str(result.get("threads")): result[key]}
+            series += [(f"{label}, {threads} threads" if threads != "None" else label, runtime, sweep)
+                       for threads, sweep in by_threads.items()]
+    figure, (latency_axis, throughput_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, runtime, sweep in series:
+        batches = sorted(sweep, key=int)
+        style = "-o" if runtime == "onnx" else "--s"
+        latency_axis.plot([int(b) for b in batches], [sweep[b]["p50_ms"] for b in batches], style, label=label)
+        throughput_axis.plot([int(b) for b in batches], [sweep[b]["images_per_s"] for b in batches], style, label=label)
+    for axis, ylabel in ((latency_axis, "p50 latency per batch (ms)"), (throughput_axis, "images / s")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(sorted({int(b) for _, _, sweep in series for b in sweep}))
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_yscale("log")
+        axis.set(xlabel="batch size", ylabel=ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+    throughput_axis.legend(fontsize=8)
+    where = result["environment"].get("gpu", {}).get("name") or result["environment"]["cpu"]
+    figure.suptitle(f"{Path(result['model']).name} on {where}", fontsize=9)
+    atomic_savefig(figure, path)
+    plt.close(figure)
 
 
 def save_confusion_png(result: dict, path: str | Path) -> None:

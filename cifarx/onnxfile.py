@@ -17,7 +17,9 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
+# "layout" (NCHWc and other layout rewrites) is a level of its own only in recent ONNX Runtime releases.
+GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "layout", "all")
+CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")  # ORT's default is EXHAUSTIVE
 
 
 def check_model_file(path: str | Path) -> Path:
@@ -78,24 +80,28 @@ def create_session(path: str | Path, provider: str = "cpu", *, threads: int | No
             f"{provider} provider is not available in this ONNX Runtime build (available: {', '.join(available)})"
         )
     options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[graph_optimization]
+    level = getattr(ort.GraphOptimizationLevel, {
+        "disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+        "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL",
+    }[graph_optimization], None)
+    if level is None:
+        raise CifarxError(f"ONNX Runtime {ort.__version__} has no {graph_optimization!r} optimisation level; use all")
+    options.graph_optimization_level = level
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 4  # ORT's errors reach us as exceptions (one line each); its log copy stays off stderr
     ort.set_default_logger_severity(4)  # ORT's own multi-line warnings stay off the terminal; we check what it made
-    provider_options: dict = {}
-    if provider in ("cuda", "tensorrt"):
-        provider_options["device_id"] = device_id
-    if provider == "cuda" and cudnn_conv_algo_search:
-        provider_options["cudnn_conv_algo_search"] = cudnn_conv_algo_search
-    providers = [(wanted, provider_options)]
-    if provider == "tensorrt":  # TensorRT hands unsupported nodes to CUDA
-        providers.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    if cudnn_conv_algo_search is not None and cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCH:
+        raise CifarxError(f"unknown cudnn_conv_algo_search {cudnn_conv_algo_search!r}; choose from {', '.join(CUDNN_CONV_ALGO_SEARCH)}")
+    cuda_options: dict = {"device_id": device_id}
+    if cudnn_conv_algo_search:
+        cuda_options["cudnn_conv_algo_search"] = cudnn_conv_algo_search
+    if provider == "cuda":
+        providers = [(wanted, cuda_options)]
+    elif provider == "tensorrt":  # TensorRT hands the nodes it cannot build to CUDA, which gets the same device
+        providers = [(wanted, {"device_id": device_id}), ("CUDAExecutionProvider", cuda_options)]
+    else:
+        providers = [(wanted, {})]
     try:
         # ORT prints an "EP Error ... Falling back" banner to stdout before retrying on CPU; what it made is checked below
         with contextlib.redirect_stdout(io.StringIO()):
