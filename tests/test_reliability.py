@@ -64,7 +64,7 @@ def cifarx_process(*args, **popen) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
 
 
-def wait_until(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_until(condition, process: subprocess.Popen, timeout: float = 900.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, f"the process ended (code {process.returncode}) before the moment to kill it"
@@ -347,7 +347,8 @@ def test_kill_9_mid_training_then_resume_ends_like_an_uninterrupted_run(tmp_path
     assert not (cut / "summary.json").exists()
 
     resumed = cifarx_process("train", "--resume", cut)
-    assert resumed.wait(timeout=180) == 0, resumed.stderr.read()
+    _, stderr = resumed.communicate(timeout=900)  # generous: these processes run at nice 19 on a shared machine
+    assert resumed.returncode == 0, stderr
     assert metric_rows(cut) == metric_rows(tmp_path / "ref") and len(metric_rows(cut)) == 5
     for name, key in (("last.pt", lambda p: p["train_state"]["model"]), ("best.pt", lambda p: p["state_dict"])):
         ours, theirs = key(read_checkpoint(cut / name)), key(read_checkpoint(tmp_path / "ref" / name))
@@ -412,7 +413,7 @@ def test_full_disk_during_training_keeps_the_last_good_checkpoint(image_folder, 
 
     # The next checkpoint (> 1 MB) cannot be written: the write fails as on a full disk.
     resumed = cifarx_process("train", "--resume", run_dir, preexec_fn=file_size_limit(200_000))
-    _, stderr = resumed.communicate(timeout=180)
+    _, stderr = resumed.communicate(timeout=900)
     assert resumed.returncode == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not write") and "File too large" in lines[0], stderr
@@ -423,7 +424,7 @@ def test_full_disk_during_training_keeps_the_last_good_checkpoint(image_folder, 
 
 def test_full_disk_for_the_image_cache_costs_only_a_warning(image_folder):
     code = f"from cifarx.data import load_split; print(len(load_split({str(image_folder)!r}, 'train')))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900,
                           preexec_fn=file_size_limit(100_000))  # the 96-image cache is ~300 kB
     assert done.returncode == 0 and done.stdout.strip() == "96", done.stderr
     assert "could not write image cache" in done.stderr and "File too large" in done.stderr
