@@ -292,8 +292,11 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
     from rich.table import Table
 
     from cifarx.evaluate import evaluate_onnx, save_confusion_png, save_latency_png
-    from cifarx.io import atomic_write_json
+    from cifarx.io import atomic_write_json, check_writable
 
+    for target in (json_path, plots and Path(plots) / "plot.png"):
+        if target:
+            check_writable(target)
     result = evaluate_onnx(model_file, data=data, split=split, provider=provider, batch_sizes=batch_sizes,
                            threads=threads, graph_optimization=graph_optimization, warmup=warmup, repeats=repeats,
                            device_id=device_id, data_root=data_root, val_size=val_size, seed=seed,
@@ -362,9 +365,12 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
     """Static int8 quantisation (QDQ) with ONNX Runtime, then int8 and fp32 accuracy and speed side by side."""
     from rich.table import Table
 
-    from cifarx.io import atomic_write_json
+    from cifarx.io import atomic_write_json, check_writable
     from cifarx.quantize import compare_int8, quantize_onnx
 
+    for target in (output, json_path):  # both before the work: a failed --json must not leave the int8 file behind
+        if target:
+            check_writable(target)
     report = quantize_onnx(model_file, output, data=data, calibration_count=calibration_images,
                            calibration_method=calibration_method, activation_type=activation_type,
                            per_channel=per_channel, reduce_range=reduce_range, data_root=data_root)

@@ -13,6 +13,18 @@ from typing import Callable, Iterator
 from cifarx.errors import CifarxError
 
 
+def check_writable(target: str | os.PathLike) -> None:
+    """Refuse now, creating nothing, a target whose folder could not be made: before long work, not after it."""
+    folder = Path(target).absolute().parent
+    existing = folder
+    while not existing.exists():  # also false below a regular file: climb to what is there
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CifarxError(f"cannot write to {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CifarxError(f"cannot write to {folder}: permission denied")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success move it over `target`, on any failure remove it."""

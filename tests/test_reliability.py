@@ -171,6 +171,11 @@ def bad_files(tmp_path, trained_run) -> dict:
 
 
 TRAIN = ["train", "--data", "{data}", "--epochs", "1", "--batch-size", "16", "--val-size", "16"]
+
+
+def quantize_args(model: str) -> list[str]:
+    return ["quantize", model, "--data", "{data}", "--calibration-images", "8", "--no-compare", "-o", "{tmp}/out/q.onnx"]
+
 BAD_INPUT = {
     # export: the checkpoint, the output
     "export: missing checkpoint": (["export", "{tmp}/missing.pt", "-o", "{tmp}/out/x.onnx"], ["checkpoint not found"]),
@@ -213,6 +218,17 @@ BAD_INPUT = {
     "predict: folder as image": (["predict", "{onnx}", "{tmp}/no_images"], ["cannot read image"]),
     "predict: unknown provider": (["predict", "{onnx}", "{image}", "--provider", "tpu"], ["--provider", "tpu"]),
     "predict: zero top-k": (["predict", "{onnx}", "{image}", "--top-k", "0"], ["--top-k"]),
+    # quantize: the model file, the calibration data, the outputs
+    "quantize: missing model": ([*quantize_args("{tmp}/missing.onnx")], ["model file not found"]),
+    "quantize: empty model": ([*quantize_args("{tmp}/empty.onnx")], ["model file is empty"]),
+    "quantize: random-bytes model": ([*quantize_args("{tmp}/random.onnx")], ["not a readable ONNX file"]),
+    "quantize: truncated model": ([*quantize_args("{tmp}/truncated.onnx")], ["not a readable ONNX file"]),
+    "quantize: input not [N,3,32,32]": ([*quantize_args("{tmp}/grey28.onnx")], ["must be [N,3,32,32]"]),
+    "quantize: data folder without images": ([*quantize_args("{onnx}"), "--data", "{tmp}/no_images"], ["no images"]),
+    "quantize: output is not .onnx": ([*quantize_args("{onnx}"), "-o", "{tmp}/out/q.txt"], [".onnx"]),
+    "quantize: output replaces its source": ([*quantize_args("{onnx}"), "-o", "{onnx}"], ["must not replace"]),
+    "quantize: unwritable output folder": ([*quantize_args("{onnx}"), "-o", "{tmp}/afile/sub/q.onnx"], ["cannot write to", "afile"]),
+    "quantize: unwritable --json": ([*quantize_args("{onnx}"), "--json", "{tmp}/afile/sub/q.json"], ["cannot write to", "afile"]),
     # train: the recipe, the numbers, the data, the output
     "train: unknown model": ([*TRAIN, "--model", "no-such-model", "--out", "{tmp}/r"], ["unknown model", "no-such-model"]),
     "train: unknown preset": ([*TRAIN, "--preset", "no-such-preset", "--out", "{tmp}/r"], ["unknown preset"]),
