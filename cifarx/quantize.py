@@ -90,7 +90,9 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
         prepared, quantized = Path(folder) / "prepared.onnx", Path(folder) / "int8.onnx"
         # The calibrators print progress to stdout; the CLI prints its own summary (and may print JSON).
         with contextlib.redirect_stdout(io.StringIO()):
-            quant_pre_process(str(model_path), str(prepared))
+            # ONNX shape inference is enough for these convolutional graphs; ORT's symbolic pass is for dynamic
+            # sequence shapes and crashes on the Reshape of a TTA-folded export (its views stacked on the batch axis).
+            quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
                 str(prepared), str(quantized), ImageBatches(images, info["input_name"], batch_size),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,

@@ -126,3 +126,22 @@ def test_quantiser_refuses_what_it_cannot_do(trained_run, tmp_path, problem):
     with pytest.raises(CifarxError):
         quantize_onnx(source, output, data=str(trained_run["data"]), calibration_count=8, **options)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_flagship_exported_with_tta_in_its_graph_quantises(trained_run, tmp_path):
+    """ORT's symbolic shape inference crashed on this graph (the shipped exported/fast.onnx) in quant_pre_process."""
+    from cifarx.config import make_train_config
+    from cifarx.export import export_onnx
+    from cifarx.train import train
+
+    config = make_train_config(preset="fast", data=str(trained_run["data"]), epochs=1, batch_size=32, val_size=16,
+                               model_kwargs={"widths": [8, 16, 16]}, out=str(tmp_path / "run"), tta="none")
+    train(config)
+    folded = tmp_path / "tta.onnx"
+    export_onnx(tmp_path / "run", folded, tta="flip-translate", parity_count=16)
+    output = tmp_path / "tta.int8.onnx"
+    quantize_onnx(folded, output, data=str(trained_run["data"]), calibration_count=16)
+    images = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    fp32, int8 = (create_session(path) for path in (folded, output))
+    fp32_logits, int8_logits = (s.run(None, {model_info(s)["input_name"]: images})[0] for s in (fp32, int8))
+    assert int8_logits.shape == fp32_logits.shape == (4, len(model_info(fp32)["class_names"]))
