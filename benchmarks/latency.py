@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"])
     parser.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"])
     parser.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    parser.add_argument("--quantize-ends", action="store_true", help="quantise the first conv and the classifier too")
     parser.add_argument("--int8-output", help="keep the int8 file here (default: a temporary file)")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--out", help="JSON file (default benchmarks/results/latency-<model file stem>.json)")
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         int8_path = Path(args.int8_output or Path(folder) / f"{onnx_path.stem}.int8.onnx")
         quantize_onnx(onnx_path, int8_path, data=data, data_root=args.data_root,
                       calibration_count=args.calibration_images, calibration_method=args.calibration_method,
-                      activation_type=args.activation_type, per_channel=not args.per_tensor)
+                      activation_type=args.activation_type, per_channel=not args.per_tensor,
+                      keep_ends_fp32=not args.quantize_ends)
         int8 = compare_int8(onnx_path, int8_path, data=data, split="val", batch_sizes=batch_sizes, threads=threads,
                             warmup=args.warmup, repeats=args.repeats, data_root=args.data_root)
     print("3/3 matmul peak and FLOPs per image", file=sys.stderr)

@@ -351,6 +351,8 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
               help="uint8 activations with int8 weights (U8S8) is ONNX Runtime's choice for x86 CPUs")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="one weight scale per output channel")
 @click.option("--reduce-range", is_flag=True, help="7-bit weights, for x86 CPUs without VNNI")
+@click.option("--keep-ends-fp32/--quantize-ends", default=True, show_default=True,
+              help="leave the first convolution and the classifier in float32")
 @click.option("--compare/--no-compare", default=True, show_default=True,
               help="then measure int8 against fp32: accuracy on --split, CPU speed at --batch-sizes")
 @click.option("--split", type=click.Choice(["test", "val"]), default="val", show_default=True,
@@ -361,7 +363,7 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
 @click.option("--repeats", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="write the quantisation and comparison as JSON")
 def quantize(model_file, data, data_root, output, calibration_images, calibration_method, activation_type, per_channel,
-             reduce_range, compare, split, batch_sizes, threads, warmup, repeats, json_path):
+             reduce_range, keep_ends_fp32, compare, split, batch_sizes, threads, warmup, repeats, json_path):
     """Static int8 quantisation (QDQ) with ONNX Runtime, then int8 and fp32 accuracy and speed side by side."""
     from rich.table import Table
 
@@ -373,7 +375,8 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
             check_writable(target)
     report = quantize_onnx(model_file, output, data=data, calibration_count=calibration_images,
                            calibration_method=calibration_method, activation_type=activation_type,
-                           per_channel=per_channel, reduce_range=reduce_range, data_root=data_root)
+                           per_channel=per_channel, reduce_range=reduce_range, keep_ends_fp32=keep_ends_fp32,
+                           data_root=data_root)
     console.print(f"wrote {report['output']} ({report['bytes'] / 1e6:.2f} MB, from {report['source_bytes'] / 1e6:.2f} MB); "
                   f"calibrated on {report['calibration_images']} images ({calibration_method})", highlight=False)
     result = {"quantization": report}

@@ -145,3 +145,16 @@ def test_the_flagship_exported_with_tta_in_its_graph_quantises(trained_run, tmp_
     fp32, int8 = (create_session(path) for path in (folded, output))
     fp32_logits, int8_logits = (s.run(None, {model_info(s)["input_name"]: images})[0] for s in (fp32, int8))
     assert int8_logits.shape == fp32_logits.shape == (4, len(model_info(fp32)["class_names"]))
+
+
+@pytest.mark.parametrize("keep_ends", [True, False])
+def test_the_first_and_last_layers_stay_float_unless_asked(trained_run, tmp_path, keep_ends):
+    output = tmp_path / "model.int8.onnx"
+    quantize_onnx(trained_run["onnx"], output, data=str(trained_run["data"]), calibration_count=16,
+                  keep_ends_fp32=keep_ends)
+    graph = onnx.load(str(output)).graph
+    weighted = [node for node in graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    quantized = [producers.get(node.input[1]) == "DequantizeLinear" for node in weighted]
+    assert quantized[1:-1] and all(quantized[1:-1])
+    assert (quantized[0], quantized[-1]) == ((False, False) if keep_ends else (True, True))
