@@ -52,6 +52,20 @@ def train_command(config: dict) -> str:
     return shlex.join(words)
 
 
+def family_fields(model_kwargs: dict, config: dict) -> dict:
+    """What a reader of a transfer-learning or semi-supervised card needs first: input size and weights' origin,
+    or the label budget and the method."""
+    fields = {}
+    if "img_size" in model_kwargs:
+        fields["img_size"] = model_kwargs["img_size"]
+        fields["weights"] = model_kwargs.get("weights_source") or model_kwargs.get("weights") or (
+            "timm pretrained" if model_kwargs.get("pretrained") else "random init")
+        fields["freeze"] = model_kwargs.get("freeze", "none")
+    if config.get("labelled"):
+        fields.update(labelled=config["labelled"], unlabelled=config.get("unlabelled"), method=config.get("objective"))
+    return fields
+
+
 def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_report: dict, val_runs: list,
                      export_command: str, note: str | None = None) -> list[Path]:
     """Write ONNX_STEM.json and ONNX_STEM.md describing the model, how it was trained and how well it does."""
@@ -84,6 +98,7 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
         "tta_in_graph": export_report.get("tta", "none"),
         "parity": {k: export_report[k] for k in ("images", "top1_agreement", "max_abs_logit_delta")},
         "opset": export_report["opset"],
+        **family_fields(payload["model"]["kwargs"], config),
     }
     base = onnx_path.with_suffix("")
     json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")

