@@ -80,7 +80,7 @@ def main():
     full = datamod.load_split(args.data, "train")
     train_index, _ = datamod.stratified_split(full.labels, config.val_size, config.seed)
     train_set = full.subset(train_index)
-    model = create_model(config.model).to(device)
+    model = create_model(config.model, **config.model_kwargs).to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     if hasattr(model, "init_whitening"):
