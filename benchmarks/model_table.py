@@ -32,7 +32,7 @@ REPORTED = {
     "tp3-simple-cnn-fast": ("ours", None, "CPU-budget recipe for the TP3 model; target 77.05%"),
     "qmul-blocknet-small": ("QMUL", 52.45, ""),
     "qmul-blocknet": ("QMUL", 80.79, ""),
-    "blocknet-fast": ("ours", None, "CPU-budget recipe for the QMUL 4x128 model; target 80.79%"),
+    "blocknet-fast": ("ours", None, "CPU-budget recipe for the QMUL Block backbone, widths 64-512, K=2; target 80.79%"),
     "cityu-vgg16": ("CityU", None, "VGG-family ceiling 92-94%"),
     "shake-shake-26-2x64d": ("Gastaldi, cited by TP3", 96.03, "1,800 epochs"),
 }
