@@ -19,7 +19,7 @@ import torch
 from cifarx import data as datamod
 from cifarx.config import make_train_config
 from cifarx.registry import create_model
-from cifarx.train import build_optimizer, training_batches
+from cifarx.train import build_optimizer, keep_freed_memory, training_batches
 
 
 def timed_steps(model, optimizer, batches, steps, device, channels_last, label_smoothing):
@@ -73,9 +73,12 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision baseline")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (measures what cifarx.train.keep_freed_memory saves)")
     args = parser.parse_args()
 
     config = make_train_config(args.preset, data=args.data, device=args.device, val_size=5000)
+    kept = False if args.default_malloc else keep_freed_memory()  # as `cifarx train` does; DataLoader workers inherit it
     device = torch.device(args.device)
     full = datamod.load_split(args.data, "train")
     train_index, _ = datamod.stratified_split(full.labels, config.val_size, config.seed)
@@ -99,6 +102,7 @@ def main():
     images = args.steps * config.batch_size
     result = {
         "device": args.device, "threads": torch.get_num_threads(), "model": config.model, "batch_size": config.batch_size,
+        "keep_freed_memory": kept,
         "steps": args.steps,
         "step_only_images_per_s": round(images / step_only, 1),
         "cifarx_images_per_s": round(images / ours, 1), "cifarx_data_fraction": round(ours_wait / ours, 4),

@@ -1,4 +1,5 @@
 import os
+import platform
 import signal
 
 import pytest
@@ -112,3 +113,35 @@ def test_lr_schedules_warm_up_then_decay():
     assert [lr_factor(s, 40, 10, multistep) for s in (0, 19, 20, 30)] == [1.0, 1.0, 0.5, 0.25]
     cosine = TrainConfig(schedule="cosine", final_lr_fraction=0.1)
     assert lr_factor(0, 40, 10, cosine) == pytest.approx(1.0) and lr_factor(40, 40, 10, cosine) == pytest.approx(0.1)
+
+
+FAULTS_PER_REALLOCATION = """
+import resource, sys, torch
+from cifarx.train import keep_freed_memory
+took = keep_freed_memory() if sys.argv[1] == "keep" else False
+blocks = [torch.ones(64 << 18) for _ in range(2)]  # 64 MB each, like a step's activations
+del blocks
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    block = torch.ones(64 << 18)
+    del block
+print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_freed_training_memory_is_reused_without_page_faults():
+    import subprocess
+    import sys
+    # a subprocess each: the setting is process-wide and cannot be undone
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS_PER_REALLOCATION, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    took, kept = faults("keep")
+    _, default = faults("default")
+    assert took
+    assert default > 20_000  # glibc's default: each 64 MB block is a fresh mmap, 16k pages faulted in again
+    assert kept < default / 20
