@@ -14,6 +14,5 @@ case "${1:-all}" in
     ;;&
   b|all)
     PRESETS=tp3-simple-cnn-plain ./train_presets.sh --epochs 5 "${threads[@]}"
-    PRESETS=qmul-blocknet-small ./train_presets.sh --epochs 3 "${threads[@]}"
     ;;
 esac

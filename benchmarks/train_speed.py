@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import torch
@@ -23,8 +24,10 @@ from cifarx.train import build_optimizer, keep_freed_memory, training_batches
 
 
 def timed_steps(model, optimizer, batches, steps, device, channels_last, label_smoothing):
-    """Run `steps` training steps from an iterator of batches; returns (seconds total, seconds waiting for data)."""
+    """Run `steps` training steps from an iterator of batches; returns (seconds total, seconds waiting for data,
+    page faults per step, kernel CPU seconds per step) of this process."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
     waiting, start = 0.0, time.perf_counter()
     iterator = iter(batches)
     for _ in range(steps):
@@ -40,7 +43,9 @@ def timed_steps(model, optimizer, batches, steps, device, channels_last, label_s
         loss.backward()
         optimizer.step()
     sync()
-    return time.perf_counter() - start, waiting
+    seconds, usage = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    return (seconds, waiting, (usage.ru_minflt - usage_before.ru_minflt) / steps,
+            (usage.ru_stime - usage_before.ru_stime) / steps)
 
 
 def torchvision_batches(train_set, config, workers):
@@ -96,15 +101,16 @@ def main():
         return timed_steps(model, optimizer, batches, args.steps, device, config.channels_last, smoothing)
 
     fixed = next(training_batches(train_set, config, 0, device, train_set.images.to(device)))
-    step_only, _ = measure(iter(lambda: fixed, None))
-    ours, ours_wait = measure(training_batches(train_set, config, 0, device, train_set.images.to(device)))
-    baseline, baseline_wait = measure(torchvision_batches(train_set, config, args.workers))
+    step_only, _, step_faults, step_kernel_seconds = measure(iter(lambda: fixed, None))
+    ours, ours_wait, _, _ = measure(training_batches(train_set, config, 0, device, train_set.images.to(device)))
+    baseline, baseline_wait, _, _ = measure(torchvision_batches(train_set, config, args.workers))
     images = args.steps * config.batch_size
     result = {
         "device": args.device, "threads": torch.get_num_threads(), "model": config.model, "batch_size": config.batch_size,
         "keep_freed_memory": kept,
         "steps": args.steps,
         "step_only_images_per_s": round(images / step_only, 1),
+        "step_only_page_faults_per_step": round(step_faults), "step_only_kernel_seconds_per_step": round(step_kernel_seconds, 3),
         "cifarx_images_per_s": round(images / ours, 1), "cifarx_data_fraction": round(ours_wait / ours, 4),
         "torchvision_images_per_s": round(images / baseline, 1), "torchvision_data_fraction": round(baseline_wait / baseline, 4),
         "speedup_vs_torchvision": round(baseline / ours, 2),
