@@ -13,6 +13,7 @@ case "${1:-all}" in
     PRESETS=shake-shake-26-2x64d ./train_presets.sh --epochs 1 --train-size 5000 "${threads[@]}"
     ;;&
   b|all)
+    PRESETS=tp3-simple-cnn ./train_presets.sh --epochs 2 "${threads[@]}"
     PRESETS=tp3-simple-cnn-plain ./train_presets.sh --epochs 5 "${threads[@]}"
     ;;
 esac
