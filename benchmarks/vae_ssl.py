@@ -24,7 +24,7 @@ from cifarx.config import make_train_config
 from cifarx.io import atomic_write_json, atomic_write_text
 from cifarx.train import train
 
-METHODS = ("m1", "m2", "supervised")
+METHODS = ("m1", "m2", "m2-fixmatch", "supervised")
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
@@ -55,7 +55,7 @@ def markdown_rows(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(Path.home() / "cifar10-jpeg"), help="image folder with train/<class>/")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of m1, m2, supervised")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
     parser.add_argument("--labelled", type=int, default=1500)
     parser.add_argument("--unlabelled", default="10000", help="a number or 'all'")
     parser.add_argument("--epochs", type=int, help="override every preset's epochs (e.g. 1 for a smoke test)")

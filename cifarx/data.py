@@ -233,7 +233,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 def random_crop_flip_cutout(
     images: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     pad: int = 4,
     flip: bool = True,
     cutout: int = 0,
@@ -241,15 +241,17 @@ def random_crop_flip_cutout(
 ) -> torch.Tensor:
     """Batch-wise augmentation of float [B,3,H,W]: random pad-and-crop (translate), horizontal flip, cutout."""
     batch, _, height, width = images.shape
+    device = images.device  # random draws stay on the CPU generator (the same numbers on any device)
     if pad:
         padded = torch.nn.functional.pad(images, (pad,) * 4, mode=translate_mode)
         dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
         dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
-        rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
-        images = padded[torch.arange(batch)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+        rows = (dy[:, None] + torch.arange(height))[:, None, :, None].to(device)
+        cols = (dx[:, None] + torch.arange(width))[:, None, None, :].to(device)
+        images = padded[torch.arange(batch, device=device)[:, None, None, None],
+                        torch.arange(3, device=device)[None, :, None, None], rows, cols]
     if flip:
-        flipped = torch.rand(batch, generator=generator) < 0.5
+        flipped = (torch.rand(batch, generator=generator) < 0.5).to(device)
         images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
     if cutout:
         # A cutout x cutout square of zeros centred at a random pixel, clipped at the borders.
@@ -258,7 +260,7 @@ def random_crop_flip_cutout(
         y = torch.arange(height)[None, :, None]
         x = torch.arange(width)[None, None, :]
         hole = (y >= top) & (y < top + cutout) & (x >= left) & (x < left + cutout)
-        images = images.masked_fill(hole[:, None], 0.0)
+        images = images.masked_fill(hole[:, None].to(device), 0.0)
     return images
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cifarx.data import random_crop_flip_cutout
 from cifarx.errors import CifarxError
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict]
@@ -83,13 +84,31 @@ def vae_m1(label_smoothing: float = 0.0, detach_latent: bool = True) -> Objectiv
     return objective
 
 
+def _pseudo_label_consistency(model: nn.Module, images: torch.Tensor, logits: torch.Tensor, threshold: float,
+                              cutout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's unlabelled term (Sohn et al. 2020): the class q(y|x) gives an image's (weakly augmented) view, where
+    it is at least `threshold` sure, is the target of a cross-entropy on a strongly augmented view of the same image.
+
+    The strong view is another random translate and flip plus a cutout square, batch-wise (torchvision's
+    RandAugment draws one set of parameters per call, so per-image policies would mean a Python loop per image).
+    Returns (mean loss over the images, share of images above the threshold).
+    """
+    confidence, pseudo_labels = logits.detach().softmax(1).max(1)
+    confident = (confidence >= threshold).float()
+    strong = random_crop_flip_cutout(images, generator=None, pad=4, flip=True, cutout=cutout)
+    loss = (F.cross_entropy(model(strong), pseudo_labels, reduction="none") * confident).mean()
+    return loss, confident.mean()
+
+
 @register_objective("vae-m2")
-def vae_m2(label_smoothing: float = 0.0, alpha: float = 1.0) -> Objective:
+def vae_m2(label_smoothing: float = 0.0, alpha: float = 1.0, consistency: float = 0.0, threshold: float = 0.95,
+           cutout: int = 16) -> Objective:
     """M2 (Kingma et al. 2014): -ELBO(x, y) of the labelled images, the unlabelled -ELBO marginalised over y with
     q(y|x) (minus its entropy), and alpha x the classifier's cross-entropy on the labelled images.
 
     The marginalisation is batch-wise: every unlabelled image is tiled once per class and the whole tiled batch
-    goes through the decoder in one call.
+    goes through the decoder in one call. `consistency` > 0 adds that weight times FixMatch's pseudo-label term
+    on the unlabelled images (`_pseudo_label_consistency`), which the ELBO alone does not give the classifier.
     """
 
     def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -114,7 +133,14 @@ def vae_m2(label_smoothing: float = 0.0, alpha: float = 1.0) -> Objective:
         unlabelled_loss = (log_q.exp() * (unlabelled_elbo + log_q)).sum(1)  # E_q[-ELBO(x, y)] - entropy of q
         generative = (negative_elbo[:labelled_count].sum() + unlabelled_loss.sum()) / (len(images) * images[0].numel())
         classification = _labelled_cross_entropy(logits, labels, label_smoothing)
-        return {"loss": generative + alpha * classification, "logits": logits, "negative_elbo": generative.detach(),
-                "classification": classification.detach(), "unlabelled_elbo": unlabelled_elbo.detach()}
+        loss = generative + alpha * classification
+        out = {"logits": logits, "negative_elbo": generative.detach(), "classification": classification.detach(),
+               "unlabelled_elbo": unlabelled_elbo.detach()}
+        if consistency and unlabelled_count:
+            agreement, confident_share = _pseudo_label_consistency(model, images[unlabelled], logits[unlabelled],
+                                                                   threshold, cutout)
+            loss = loss + consistency * agreement
+            out.update(consistency=agreement.detach(), confident_share=confident_share)
+        return {"loss": loss, **out}
 
     return objective

@@ -84,6 +84,14 @@ def test_batch_augmentation_translates_flips_and_cuts_out():
     assert zeros.max() == 64 and zeros.min() > 0  # a full 8x8 square, or a clipped one at a border
 
 
+def test_batch_augmentation_keeps_the_images_on_their_device():
+    """Random draws come from a CPU generator; the masks and indices must follow the images (CUDA in training;
+    the meta device stands in for it here)."""
+    images = torch.zeros(4, 3, 32, 32, device="meta")
+    augmented = data.random_crop_flip_cutout(images, torch.Generator().manual_seed(0), pad=4, flip=True, cutout=8)
+    assert augmented.device == images.device and augmented.shape == images.shape
+
+
 def test_class_index_matches_by_name():
     index = data.class_index(["cat", "dog", "bird"], ["bird", "cat"])
     assert index.tolist() == [2, 0]

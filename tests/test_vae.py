@@ -161,6 +161,23 @@ def test_m2_marginalises_every_unlabelled_image_over_every_class(monkeypatch):
         assert torch.isfinite(make_objective("vae-m2")(model, images, only)["loss"])
 
 
+def test_m2_consistency_trains_the_classifier_on_its_confident_pseudo_labels():
+    """FixMatch's term: off by default; with threshold 0 every unlabelled image counts, above 1 none does."""
+    torch.manual_seed(0)
+    model = create_model("vae-ssl", num_classes=4)
+    images, labels = torch.rand(6, 3, 32, 32), torch.tensor([1, -1, -1, 3, -1, -1])
+    assert "consistency" not in make_objective("vae-m2")(model, images, labels)
+
+    def run(threshold):
+        torch.manual_seed(1)  # the same reparameterisation noise (drawn before the strong views) in both runs
+        return make_objective("vae-m2", consistency=2.0, threshold=threshold)(model, images, labels)
+
+    every, none = run(0.0), run(1.01)
+    assert every["confident_share"] == 1 and every["consistency"] > 0
+    assert none["confident_share"] == 0 and none["consistency"] == 0
+    torch.testing.assert_close(every["loss"] - none["loss"], 2.0 * every["consistency"])
+
+
 @pytest.mark.parametrize("detach_latent", [True, False])
 def test_m1_keeps_the_classifier_gradient_out_of_the_encoder(detach_latent):
     torch.manual_seed(0)
