@@ -62,7 +62,10 @@ def family_fields(model_kwargs: dict, config: dict) -> dict:
             "timm pretrained" if model_kwargs.get("pretrained") else "random init")
         fields["freeze"] = model_kwargs.get("freeze", "none")
     if config.get("labelled"):
-        fields.update(labelled=config["labelled"], unlabelled=config.get("unlabelled"), method=config.get("objective"))
+        method = config.get("objective")
+        if (config.get("objective_kwargs") or {}).get("consistency"):
+            method += "+fixmatch"  # the consistency term changes what the unlabelled images teach; say so
+        fields.update(labelled=config["labelled"], unlabelled=config.get("unlabelled"), method=method)
     return fields
 
 

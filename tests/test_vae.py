@@ -178,6 +178,14 @@ def test_m2_consistency_trains_the_classifier_on_its_confident_pseudo_labels():
     torch.testing.assert_close(every["loss"] - none["loss"], 2.0 * every["consistency"])
 
 
+def test_the_card_names_the_semi_supervised_method_with_its_consistency_term():
+    from cifarx.card import family_fields
+
+    config = {"labelled": 1500, "unlabelled": 10000, "objective": "vae-m2"}
+    assert family_fields({}, config)["method"] == "vae-m2"
+    assert family_fields({}, {**config, "objective_kwargs": {"consistency": 1.0}})["method"] == "vae-m2+fixmatch"
+
+
 @pytest.mark.parametrize("detach_latent", [True, False])
 def test_m1_keeps_the_classifier_gradient_out_of_the_encoder(detach_latent):
     torch.manual_seed(0)
