@@ -1,0 +1,46 @@
+"""How trustworthy a semi-supervised run's pseudo-labels are (issue 6): the share of validation images whose
+predicted class is at least THRESHOLD sure, and the accuracy of those confident predictions.
+
+FixMatch trains on exactly those predictions, so a low share or a low accuracy says why the consistency term adds
+little. Reads the runs' best.pt and their own validation split:
+
+    python benchmarks/pseudo_label_confidence.py runs/bench-vae-m2/m2 runs/bench-vae-m2-fixmatch/m2-fixmatch
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from cifarx.checkpoint import load_model
+from cifarx.config import TrainConfig
+from cifarx.data import to_float
+from cifarx.train import split_train_val
+
+
+def confidence_report(run: str, threshold: float) -> dict:
+    model, payload = load_model(f"{run}/best.pt")
+    _, val_set = split_train_val(TrainConfig.from_dict(payload["config"]))
+    with torch.inference_mode():
+        probabilities = torch.cat([model.eval()(to_float(batch)).softmax(1) for batch in val_set.images.split(500)])
+    confidence, predicted = probabilities.max(1)
+    sure = confidence >= threshold
+    correct = predicted == val_set.labels
+    return {"run": run, "val_images": len(val_set), "accuracy": correct.float().mean().item(),
+            "confident_share": sure.float().mean().item(), "confident_accuracy": correct[sure].float().mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders (with best.pt)")
+    parser.add_argument("--threshold", type=float, default=0.95, help="FixMatch's confidence threshold")
+    args = parser.parse_args()
+    for run in args.runs:
+        r = confidence_report(run, args.threshold)
+        print(f"{r['run']}: {r['confident_share']:.1%} of {r['val_images']} validation images >= {args.threshold:.0%} "
+              f"sure, {r['confident_accuracy']:.1%} of those right (all: {r['accuracy']:.2%})")
+
+
+if __name__ == "__main__":
+    main()
