@@ -20,18 +20,16 @@ import time
 from pathlib import Path
 
 from cifarx.cli import RichReporter
-from cifarx.config import make_train_config
+from cifarx.config import SSL_METHODS, make_train_config
 from cifarx.io import atomic_write_json, atomic_write_text
 from cifarx.train import train
-
-METHODS = ("m1", "m2", "m2-fixmatch", "supervised")
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
     """Train one method from its preset, with the budget overrides of the command line; its summary plus settings."""
     overrides = dict(data=args.data, val_size=args.val_size, seed=args.seed, threads=args.threads,
                      out=str(Path(args.out) / method), epochs=args.epochs, labelled=args.labelled)
-    if method != "supervised":  # the baseline never sees unlabelled images
+    if not method.endswith("supervised"):  # the baselines never see unlabelled images
         overrides["unlabelled"] = args.unlabelled
     config = make_train_config(f"vae-ssl-{method}", **overrides)
     print(f"== {method}: {config.labelled} labelled, {config.unlabelled} unlabelled, {config.epochs} epochs -> {config.out}")
@@ -55,7 +53,7 @@ def markdown_rows(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(Path.home() / "cifar10-jpeg"), help="image folder with train/<class>/")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(SSL_METHODS), help="comma list of " + ", ".join(SSL_METHODS))
     parser.add_argument("--labelled", type=int, default=1500)
     parser.add_argument("--unlabelled", default="10000", help="a number or 'all'")
     parser.add_argument("--epochs", type=int, help="override every preset's epochs (e.g. 1 for a smoke test)")
@@ -66,9 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.unlabelled = args.unlabelled if args.unlabelled == "all" else int(args.unlabelled)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(SSL_METHODS))
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(SSL_METHODS)}")
 
     results = []
     for method in methods:

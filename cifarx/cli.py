@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from cifarx.config import SSL_METHODS
 from cifarx.errors import CifarxError, TrainingInterrupted
 
 console = Console()
@@ -154,8 +155,8 @@ class RichReporter:
 @click.option("--labelled-per-class", type=int, help="semi-supervised: exactly this many labelled images per class")
 @click.option("--unlabelled", callback=_parse_unlabelled, help="semi-supervised: images of the rest of train with "
               "their labels hidden (a number, or 'all')")
-@click.option("--method", type=click.Choice(["m1", "m2", "m2-fixmatch", "supervised"]), help="vae-ssl recipe: M1, "
-              "M2, M2 + FixMatch's consistency term, or the supervised-only baseline (= --preset vae-ssl-METHOD; "
+@click.option("--method", type=click.Choice(SSL_METHODS), help="vae-ssl recipe: M1, M2, M2 + FixMatch's consistency "
+              "term, or the supervised-only baseline; deep-*: with the TP3 CNN as q(y|x) (= --preset vae-ssl-METHOD; "
               "--model vae-ssl alone means m2)")
 @click.option("--seed", type=int)
 @click.option("--patience", type=int, help="early stopping after this many epochs without improvement (0 = off)")

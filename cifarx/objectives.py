@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifarx.data import random_crop_flip_cutout
+from cifarx.data import random_colour_affine, random_crop_flip_cutout
 from cifarx.errors import CifarxError
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict]
@@ -85,24 +85,25 @@ def vae_m1(label_smoothing: float = 0.0, detach_latent: bool = True) -> Objectiv
 
 
 def _pseudo_label_consistency(model: nn.Module, images: torch.Tensor, logits: torch.Tensor, threshold: float,
-                              cutout: int) -> tuple[torch.Tensor, torch.Tensor]:
+                              cutout: int, distortion: float) -> tuple[torch.Tensor, torch.Tensor]:
     """FixMatch's unlabelled term (Sohn et al. 2020): the class q(y|x) gives an image's (weakly augmented) view, where
     it is at least `threshold` sure, is the target of a cross-entropy on a strongly augmented view of the same image.
 
-    The strong view is another random translate and flip plus a cutout square, batch-wise (torchvision's
-    RandAugment draws one set of parameters per call, so per-image policies would mean a Python loop per image).
+    The strong view is another random translate and flip plus a cutout square and, with `distortion` > 0, per-image
+    colour and affine changes of that strength (data.random_colour_affine), all batch-wise.
     Returns (mean loss over the images, share of images above the threshold).
     """
     confidence, pseudo_labels = logits.detach().softmax(1).max(1)
     confident = (confidence >= threshold).float()
-    strong = random_crop_flip_cutout(images, generator=None, pad=4, flip=True, cutout=cutout)
+    strong = random_colour_affine(images, None, distortion) if distortion else images
+    strong = random_crop_flip_cutout(strong, generator=None, pad=4, flip=True, cutout=cutout)
     loss = (F.cross_entropy(model(strong), pseudo_labels, reduction="none") * confident).mean()
     return loss, confident.mean()
 
 
 @register_objective("vae-m2")
 def vae_m2(label_smoothing: float = 0.0, alpha: float = 1.0, consistency: float = 0.0, threshold: float = 0.95,
-           cutout: int = 16) -> Objective:
+           cutout: int = 16, distortion: float = 0.0) -> Objective:
     """M2 (Kingma et al. 2014): -ELBO(x, y) of the labelled images, the unlabelled -ELBO marginalised over y with
     q(y|x) (minus its entropy), and alpha x the classifier's cross-entropy on the labelled images.
 
@@ -114,7 +115,7 @@ def vae_m2(label_smoothing: float = 0.0, alpha: float = 1.0, consistency: float 
     def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
         _require_vae(model, True, "vae-m2")
         features = model.features(images)
-        logits = model.classifier(features)
+        logits = model.classify(images, features)
         classes = logits.shape[1]
         labelled = labels >= 0
         unlabelled = ~labelled
@@ -138,7 +139,7 @@ def vae_m2(label_smoothing: float = 0.0, alpha: float = 1.0, consistency: float 
                "unlabelled_elbo": unlabelled_elbo.detach()}
         if consistency and unlabelled_count:
             agreement, confident_share = _pseudo_label_consistency(model, images[unlabelled], logits[unlabelled],
-                                                                   threshold, cutout)
+                                                                   threshold, cutout, distortion)
             loss = loss + consistency * agreement
             out.update(consistency=agreement.detach(), confident_share=confident_share)
         return {"loss": loss, **out}

@@ -92,6 +92,18 @@ def test_batch_augmentation_keeps_the_images_on_their_device():
     assert augmented.device == images.device and augmented.shape == images.shape
 
 
+def test_colour_affine_distortion_draws_per_image_and_is_off_at_strength_zero():
+    images = torch.rand(1, 3, 32, 32).expand(16, -1, -1, -1)  # one image, sixteen times
+    distorted = data.random_colour_affine(images, torch.Generator().manual_seed(0), strength=0.5)
+    assert distorted.shape == images.shape and 0 <= distorted.min() and distorted.max() <= 1
+    assert len({tuple(row.flatten()[:64].tolist()) for row in distorted}) == 16  # every copy its own distortion
+    again = data.random_colour_affine(images, torch.Generator().manual_seed(0), strength=0.5)
+    assert torch.equal(distorted, again)  # fixed by the generator
+    torch.testing.assert_close(data.random_colour_affine(images, None, strength=0.0), images)
+    on_meta = data.random_colour_affine(torch.zeros(4, 3, 32, 32, device="meta"), None, strength=0.5)
+    assert on_meta.device.type == "meta"
+
+
 def test_class_index_matches_by_name():
     index = data.class_index(["cat", "dog", "bird"], ["bird", "cat"])
     assert index.tolist() == [2, 0]

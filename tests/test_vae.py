@@ -178,6 +178,36 @@ def test_m2_consistency_trains_the_classifier_on_its_confident_pseudo_labels():
     torch.testing.assert_close(every["loss"] - none["loss"], 2.0 * every["consistency"])
 
 
+def test_m2_consistency_distorts_the_strong_view_only_when_asked(monkeypatch):
+    from cifarx import objectives
+
+    strengths = []
+    monkeypatch.setattr(objectives, "random_colour_affine", lambda images, generator, strength: strengths.append(strength)
+                        or images)
+    model, images, labels = create_model("vae-ssl", num_classes=4), torch.rand(4, 3, 32, 32), torch.tensor([1, -1, -1, 0])
+    make_objective("vae-m2", consistency=1.0)(model, images, labels)
+    assert strengths == []
+    make_objective("vae-m2", consistency=1.0, distortion=0.5)(model, images, labels)
+    assert strengths == [0.5]
+
+
+def test_a_deeper_q_y_x_is_a_registered_model_reading_the_image():
+    """classifier_model: q(y|x) is that network on the pixels (the encoder does not change its logits); M2 trains it."""
+    torch.manual_seed(0)
+    model = create_model("vae-ssl", num_classes=4, classifier_model="simple-cnn").eval()
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([1, -1, -1, 0])
+    before = model(images)
+    with torch.no_grad():
+        model.encoder[0].weight.add_(1.0)
+    torch.testing.assert_close(model(images), before)
+    torch.testing.assert_close(model(images), model.classifier(images))
+    loss = make_objective("vae-m2", consistency=1.0, threshold=0.0)(model.train(), images, labels)["loss"]
+    loss.backward()
+    assert model.classifier[1].weight.grad.abs().sum() > 0 and model.encoder[0].weight.grad.abs().sum() > 0
+    with pytest.raises(CifarxError, match="conditional"):
+        create_model("vae-ssl", conditional=False, classifier_model="simple-cnn")
+
+
 def test_the_card_names_the_semi_supervised_method_with_its_consistency_term():
     from cifarx.card import family_fields
 

@@ -7,7 +7,9 @@ a classifier with two hidden layers of 100.
 Two variants, chosen by `conditional`:
 - M1 (`conditional=False`): q(z|x) and p(x|z); the classifier reads the latent mean, as in the seed.
 - M2 (`conditional=True`, Kingma et al. 2014): q(z|x,y) and p(x|y,z); the classifier q(y|x) reads the encoder's
-  features, so the unlabelled ELBO shapes the same convolutions the classifier uses.
+  features, so the unlabelled ELBO shapes the same convolutions the classifier uses. With `classifier_model` set,
+  q(y|x) is instead that registered model reading the image itself, as in the paper, where q(y|x) is a network of
+  its own: the seed's four convs and 100-100 MLP memorise 1,500 labels, so a deeper q(y|x) is what can use them.
 
 `forward(x)` is the classifier path (encoder -> classifier logits), so export, eval and predict see an ordinary
 classifier; the objectives in cifarx/objectives.py (`vae-m1`, `vae-m2`) use `features`, `negative_elbo` and
@@ -24,8 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
+from cifarx.errors import CifarxError
 from cifarx.models.common import Normalize
-from cifarx.registry import register_model
+from cifarx.registry import create_model, register_model
 
 FIGURE_IMAGES = 2000  # validation images encoded for the latent projection each epoch
 
@@ -41,8 +44,11 @@ class SemiSupervisedVAE(nn.Module):
     """Encoder -> (latent mean, log-variance) -> decoder, plus the classifier that `forward` returns logits of."""
 
     def __init__(self, num_classes: int = 10, conditional: bool = True, latent_dim: int = 256, hidden: int = 100,
-                 channels: tuple[int, ...] = (32, 64, 128, 256), batch_norm: bool = True):
+                 channels: tuple[int, ...] = (32, 64, 128, 256), batch_norm: bool = True,
+                 classifier_model: str | None = None):
         super().__init__()
+        if classifier_model and not conditional:
+            raise CifarxError("classifier_model needs conditional=true (M2): M1's classifier reads the latent mean")
         self.num_classes, self.conditional, self.latent_dim = num_classes, conditional, latent_dim
         self.normalize = Normalize()
         layers: list[nn.Module] = []
@@ -57,7 +63,11 @@ class SemiSupervisedVAE(nn.Module):
         label_dim = num_classes if conditional else 0
         self.mean_head = nn.Linear(feature_dim + label_dim, latent_dim)
         self.log_var_head = nn.Linear(feature_dim + label_dim, latent_dim)
-        self.classifier = _mlp(feature_dim if conditional else latent_dim, hidden, num_classes)
+        self.image_classifier = bool(classifier_model)
+        if classifier_model:
+            self.classifier = create_model(classifier_model, num_classes)
+        else:
+            self.classifier = _mlp(feature_dim if conditional else latent_dim, hidden, num_classes)
         self.decoder_input = nn.Linear(latent_dim + label_dim, feature_dim)
         layers = []
         widths = list(reversed(channels))
@@ -83,12 +93,17 @@ class SemiSupervisedVAE(nn.Module):
             features = torch.cat([features, onehot], 1)
         return self.mean_head(features), self.log_var_head(features)
 
-    def classifier_input(self, features: torch.Tensor) -> torch.Tensor:
-        """What the classifier reads: the latent mean (M1) or the encoder features (M2)."""
-        return features if self.conditional else self.posterior(features)[0]
+    def classify(self, images: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of q(y|x), from the image (`classifier_model`), the encoder features (M2) or the latent mean (M1);
+        `features` saves a second encoder pass when the caller has them."""
+        if self.image_classifier:
+            return self.classifier(images)
+        if features is None:
+            features = self.features(images)
+        return self.classifier(features if self.conditional else self.posterior(features)[0])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.classifier_input(self.features(images)))
+        return self.classify(images)
 
     def decode(self, z: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
         """Pixel means in [0, 1], [B, 3, 32, 32], of p(x|z) (M1) or p(x|y,z) (M2)."""
@@ -116,7 +131,7 @@ class SemiSupervisedVAE(nn.Module):
         features = self.features(images)
         onehot = None
         if self.conditional:
-            onehot = F.one_hot(self.classifier(features).argmax(1), self.num_classes).float()
+            onehot = F.one_hot(self.classify(images, features).argmax(1), self.num_classes).float()
         return self.posterior(features, onehot)[0], onehot
 
     @torch.no_grad()
