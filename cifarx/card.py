@@ -62,9 +62,11 @@ def family_fields(model_kwargs: dict, config: dict) -> dict:
             "timm pretrained" if model_kwargs.get("pretrained") else "random init")
         fields["freeze"] = model_kwargs.get("freeze", "none")
     if config.get("labelled"):
-        method = config.get("objective")
-        if (config.get("objective_kwargs") or {}).get("consistency"):
+        method, objective_kwargs = config.get("objective"), config.get("objective_kwargs") or {}
+        if objective_kwargs.get("consistency"):
             method += "+fixmatch"  # the consistency term changes what the unlabelled images teach; say so
+        if objective_kwargs.get("elbo_weight", 1) == 0:
+            method = method.replace("vae-m2+", "")  # no generative term left: FixMatch alone
         fields.update(labelled=config["labelled"], unlabelled=config.get("unlabelled"), method=method)
     return fields
 

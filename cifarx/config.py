@@ -18,7 +18,7 @@ SCHEDULES = ("constant", "multistep", "cosine", "linear", "onecycle")
 AUGMENTATIONS = ("crop", "flip", "cutout", "rotate", "autoaugment", "erasing")
 TTA_MODES = ("none", "flip", "flip-translate")
 # vae-ssl recipes: `--method X` is the preset vae-ssl-X; "deep-" ones have the TP3 CNN as q(y|x)
-SSL_METHODS = ("m1", "m2", "m2-fixmatch", "supervised", "deep-m2-fixmatch", "deep-supervised")
+SSL_METHODS = ("m1", "m2", "m2-fixmatch", "supervised", "deep-m2-fixmatch", "deep-fixmatch", "deep-supervised")
 
 
 @dataclass

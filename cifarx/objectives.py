@@ -101,43 +101,58 @@ def _pseudo_label_consistency(model: nn.Module, images: torch.Tensor, logits: to
     return loss, confident.mean()
 
 
+def _m2_generative(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M2's generative part: (logits of q(y|x), -ELBO of the batch in nats per pixel, the unlabelled images'
+    -ELBO(x, y) for every class [U, classes]). Labelled images count -ELBO(x, y) at their class; each unlabelled
+    image E_q[-ELBO(x, y)] minus the entropy of q(y|x). Batch-wise: the unlabelled images are tiled once per class
+    and the tiled batch goes through the decoder in one call."""
+    features = model.features(images)
+    logits = model.classify(images, features)
+    classes = logits.shape[1]
+    labelled = labels >= 0
+    unlabelled = ~labelled
+    labelled_count, unlabelled_count = int(labelled.sum()), int(unlabelled.sum())
+    tiled_labels = torch.arange(classes, device=labels.device).repeat_interleave(unlabelled_count)
+    terms = model.negative_elbo(
+        torch.cat([images[labelled], images[unlabelled].repeat(classes, 1, 1, 1)]),
+        torch.cat([features[labelled], features[unlabelled].repeat(classes, 1)]),
+        F.one_hot(torch.cat([labels[labelled], tiled_labels]), classes).float(),
+    )
+    # -log p(y) of the uniform class prior completes -ELBO(x, y).
+    negative_elbo = terms["reconstruction"] + terms["kl"] + math.log(classes)
+    # Rows of the tiled part are (class, image); transposed, each unlabelled image gets its row of classes.
+    unlabelled_elbo = negative_elbo[labelled_count:].view(classes, unlabelled_count).T
+    log_q = logits[unlabelled].log_softmax(1)  # q(y|x); plain tensors so a batch without unlabelled images works
+    unlabelled_loss = (log_q.exp() * (unlabelled_elbo + log_q)).sum(1)  # E_q[-ELBO(x, y)] - entropy of q
+    generative = (negative_elbo[:labelled_count].sum() + unlabelled_loss.sum()) / (len(images) * images[0].numel())
+    return logits, generative, unlabelled_elbo
+
+
 @register_objective("vae-m2")
 def vae_m2(label_smoothing: float = 0.0, alpha: float = 1.0, consistency: float = 0.0, threshold: float = 0.95,
-           cutout: int = 16, distortion: float = 0.0) -> Objective:
+           cutout: int = 16, distortion: float = 0.0, elbo_weight: float = 1.0) -> Objective:
     """M2 (Kingma et al. 2014): -ELBO(x, y) of the labelled images, the unlabelled -ELBO marginalised over y with
-    q(y|x) (minus its entropy), and alpha x the classifier's cross-entropy on the labelled images.
+    q(y|x) (minus its entropy) (`_m2_generative`), and alpha x the classifier's cross-entropy on the labelled images.
 
-    The marginalisation is batch-wise: every unlabelled image is tiled once per class and the whole tiled batch
-    goes through the decoder in one call. `consistency` > 0 adds that weight times FixMatch's pseudo-label term
+    `consistency` > 0 adds that weight times FixMatch's pseudo-label term
     on the unlabelled images (`_pseudo_label_consistency`), which the ELBO alone does not give the classifier.
+    `elbo_weight` scales the generative part; 0 skips it (no decoding): FixMatch alone, to measure what the ELBO adds.
     """
 
     def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
         _require_vae(model, True, "vae-m2")
-        features = model.features(images)
-        logits = model.classify(images, features)
-        classes = logits.shape[1]
-        labelled = labels >= 0
-        unlabelled = ~labelled
-        labelled_count, unlabelled_count = int(labelled.sum()), int(unlabelled.sum())
-        tiled_labels = torch.arange(classes, device=labels.device).repeat_interleave(unlabelled_count)
-        terms = model.negative_elbo(
-            torch.cat([images[labelled], images[unlabelled].repeat(classes, 1, 1, 1)]),
-            torch.cat([features[labelled], features[unlabelled].repeat(classes, 1)]),
-            F.one_hot(torch.cat([labels[labelled], tiled_labels]), classes).float(),
-        )
-        # -log p(y) of the uniform class prior completes -ELBO(x, y).
-        negative_elbo = terms["reconstruction"] + terms["kl"] + math.log(classes)
-        # Rows of the tiled part are (class, image); transposed, each unlabelled image gets its row of classes.
-        unlabelled_elbo = negative_elbo[labelled_count:].view(classes, unlabelled_count).T
-        log_q = logits[unlabelled].log_softmax(1)  # q(y|x); plain tensors so a batch without unlabelled images works
-        unlabelled_loss = (log_q.exp() * (unlabelled_elbo + log_q)).sum(1)  # E_q[-ELBO(x, y)] - entropy of q
-        generative = (negative_elbo[:labelled_count].sum() + unlabelled_loss.sum()) / (len(images) * images[0].numel())
+        unlabelled = labels < 0
+        if elbo_weight:
+            logits, generative, unlabelled_elbo = _m2_generative(model, images, labels)
+            loss = elbo_weight * generative
+            out = {"negative_elbo": generative.detach(), "unlabelled_elbo": unlabelled_elbo.detach()}
+        else:
+            logits, loss, out = model(images), 0.0, {}
         classification = _labelled_cross_entropy(logits, labels, label_smoothing)
-        loss = generative + alpha * classification
-        out = {"logits": logits, "negative_elbo": generative.detach(), "classification": classification.detach(),
-               "unlabelled_elbo": unlabelled_elbo.detach()}
-        if consistency and unlabelled_count:
+        loss = loss + alpha * classification
+        out.update(logits=logits, classification=classification.detach())
+        if consistency and unlabelled.any():
             agreement, confident_share = _pseudo_label_consistency(model, images[unlabelled], logits[unlabelled],
                                                                    threshold, cutout, distortion)
             loss = loss + consistency * agreement

@@ -191,6 +191,19 @@ def test_m2_consistency_distorts_the_strong_view_only_when_asked(monkeypatch):
     assert strengths == [0.5]
 
 
+def test_m2_with_elbo_weight_zero_is_fixmatch_alone_and_decodes_nothing(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("vae-ssl", num_classes=4, classifier_model="simple-cnn").eval()  # eval: no dropout
+    images, labels = torch.rand(6, 3, 32, 32), torch.tensor([1, -1, -1, 0, -1, 2])
+    full = make_objective("vae-m2")(model, images, labels)
+    monkeypatch.setattr(model, "decode", lambda *args: pytest.fail("elbo_weight=0 must not decode"))
+    torch.manual_seed(1)
+    out = make_objective("vae-m2", elbo_weight=0.0, consistency=2.0, threshold=0.0)(model, images, labels)
+    assert "negative_elbo" not in out and "negative_elbo" in full
+    torch.testing.assert_close(out["loss"], out["classification"] + 2.0 * out["consistency"])
+    torch.testing.assert_close(out["classification"], F.cross_entropy(model(images)[[0, 3, 5]], labels[[0, 3, 5]]))
+
+
 def test_a_deeper_q_y_x_is_a_registered_model_reading_the_image():
     """classifier_model: q(y|x) is that network on the pixels (the encoder does not change its logits); M2 trains it."""
     torch.manual_seed(0)
@@ -214,6 +227,7 @@ def test_the_card_names_the_semi_supervised_method_with_its_consistency_term():
     config = {"labelled": 1500, "unlabelled": 10000, "objective": "vae-m2"}
     assert family_fields({}, config)["method"] == "vae-m2"
     assert family_fields({}, {**config, "objective_kwargs": {"consistency": 1.0}})["method"] == "vae-m2+fixmatch"
+    assert family_fields({}, {**config, "objective_kwargs": {"consistency": 1.0, "elbo_weight": 0}})["method"] == "fixmatch"
 
 
 @pytest.mark.parametrize("detach_latent", [True, False])
