@@ -43,8 +43,9 @@ def main() -> None:
     args = parser.parse_args()
     for run in args.runs:
         r = confidence_report(run, args.threshold, args.raw_weights)
-        print(f"{r['run']}{' (raw weights)' * args.raw_weights}: {r['confident_share']:.1%} of {r['val_images']} validation images >= {args.threshold:.0%} "
-              f"sure, {r['confident_accuracy']:.1%} of those right (all: {r['accuracy']:.2%})")
+        print(f"{r['run']}{' (raw weights)' * args.raw_weights}: {r['confident_share']:.1%} of {r['val_images']} "
+              f"validation images >= {args.threshold:.0%} sure, {r['confident_accuracy']:.1%} of those right "
+              f"(all: {r['accuracy']:.2%})")
 
 
 if __name__ == "__main__":

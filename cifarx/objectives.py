@@ -135,8 +135,8 @@ def vae_m2(label_smoothing: float = 0.0, alpha: float = 1.0, consistency: float 
     """M2 (Kingma et al. 2014): -ELBO(x, y) of the labelled images, the unlabelled -ELBO marginalised over y with
     q(y|x) (minus its entropy) (`_m2_generative`), and alpha x the classifier's cross-entropy on the labelled images.
 
-    `consistency` > 0 adds that weight times FixMatch's pseudo-label term
-    on the unlabelled images (`_pseudo_label_consistency`), which the ELBO alone does not give the classifier.
+    `consistency` > 0 adds that weight times FixMatch's pseudo-label term on the unlabelled images
+    (`_pseudo_label_consistency`), which the ELBO alone does not give the classifier.
     `elbo_weight` scales the generative part; 0 skips it (no decoding): FixMatch alone, to measure what the ELBO adds.
     """
 
