@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cifarx.checkpoint import file_sha256, read_checkpoint, resolve_checkpoint
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_write_json, atomic_write_text
+from cifarx.io import atomic_write_json, atomic_write_text, check_writable
 
 
 def _run_summary(run: str | Path) -> dict:
@@ -69,6 +69,15 @@ def family_fields(model_kwargs: dict, config: dict) -> dict:
             method = method.replace("vae-m2+", "")  # no generative term left: FixMatch alone
         fields.update(labelled=config["labelled"], unlabelled=config.get("unlabelled"), method=method)
     return fields
+
+
+def check_card_inputs(onnx_path: str | Path, val_runs: list) -> None:
+    """Before the export writes anything: the validation runs are readable and the card files can be written."""
+    if val_runs:
+        validation_figures(val_runs)
+    base = Path(onnx_path).with_suffix("")
+    for target in (base.with_suffix(".json"), base.with_suffix(".md")):
+        check_writable(target)
 
 
 def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_report: dict, val_runs: list,

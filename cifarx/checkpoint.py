@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_torch_save
+from cifarx.io import atomic_torch_save, check_zip_checksums
 from cifarx.registry import create_model
 
 FORMAT = "cifarx-checkpoint"
@@ -61,10 +61,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
         raise CifarxError(f"{path} is not a readable cifarx checkpoint (not a torch.save archive)")
     try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()  # torch.load skips the CRCs: a flipped bit in the weights would load silently
-        if damaged is not None:
-            raise CifarxError(f"{path} is damaged (checksum mismatch in {damaged.split('/')[-1]})")
+        check_zip_checksums(path)
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CifarxError(f"refusing to load {path}: it holds Python objects beyond plain tensors and "
@@ -75,21 +72,51 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CifarxError(f"{path} is not a cifarx checkpoint")
     if payload.get("version", 0) > VERSION:
         raise CifarxError(f"{path} was written by a newer cifarx (checkpoint version {payload['version']})")
+    _check_structure(payload, path)
     return payload
 
 
-def build_model(payload: dict[str, Any]) -> nn.Module:
+def _check_structure(payload: dict, path: Path) -> None:
+    """The fields every later step reads, with their types: a crafted file stops here, not in a traceback."""
+    model, names = payload.get("model"), payload.get("class_names")
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("kwargs"), dict)
+            and isinstance(model.get("num_classes"), int)):
+        raise CifarxError(f"{path} has no valid model entry (name, kwargs, num_classes): not a cifarx checkpoint")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CifarxError(f"{path} has no list of class names")
+    if len(names) != model["num_classes"]:
+        raise CifarxError(f"{path} lists {len(names)} class names but its model has {model['num_classes']} outputs")
+    for key in ("state_dict", "config"):
+        if not isinstance(payload.get(key), dict):
+            raise CifarxError(f"{path} has no {key} dict")
+    train_state = payload.get("train_state")
+    if train_state is not None and not (isinstance(train_state, dict)
+                                        and all(isinstance(train_state.get(k), dict) for k in ("model", "optimizer", "run"))):
+        raise CifarxError(f"{path} holds an incomplete training state (model, optimizer and run are needed)")
+
+
+def load_weights(model: nn.Module, state_dict: dict, path: str | Path, model_name: str) -> None:
+    """`model.load_state_dict`, with weights of another shape or name reported as one line naming the file."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:  # torch lists every key on many lines: the first says what kind of mismatch
+        first = str(error).strip().splitlines()[0]
+        raise CifarxError(f"the weights in {path} do not fit model {model_name!r} ({first})") from None
+
+
+def build_model(payload: dict[str, Any], path: str | Path = "the checkpoint") -> nn.Module:
     """Rebuild the model of a checkpoint dict with its inference weights, in eval mode."""
     spec = payload["model"]
     model = create_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
-    model.load_state_dict(payload["state_dict"])
+    load_weights(model, payload["state_dict"], path, spec["name"])
     return model.eval()
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, checkpoint dict) from a checkpoint file or run folder."""
-    payload = read_checkpoint(resolve_checkpoint(path))
-    return build_model(payload), payload
+    path = resolve_checkpoint(path)
+    payload = read_checkpoint(path)
+    return build_model(payload, path), payload
 
 
 def file_sha256(path: str | Path) -> str:

@@ -185,7 +185,7 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
           img_size, freeze, pretrained, weights, backbone_lr_scale, cached_features, nproc, sync_bn):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png."""
     from cifarx.config import make_train_config
-    from cifarx.distributed import is_main_process, launch_training
+    from cifarx.distributed import check_batch_split, is_main_process, launch_training
     from cifarx.train import train as run_training
 
     console.quiet = not is_main_process()  # under torchrun, rank 0 alone prints progress and the summary
@@ -220,6 +220,7 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
         if config.out == "runs/latest" and out is None:
             config.out = f"runs/{config.model.replace('/', '-')}"
         if nproc:  # the settings were checked here, once; the ranks run this command without --nproc
+            check_batch_split(config.batch_size, nproc)
             launch_training(nproc, click.get_current_context().obj["command"], config.out)
             return
         console.print(f"training [bold]{config.model}[/] on {config.data} -> {config.out}", highlight=False)
@@ -248,6 +249,10 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images,
     """Export a run folder or checkpoint to ONNX, then check parity with PyTorch on real images."""
     from cifarx.export import export_onnx
 
+    if card:  # check first, write last: a missing --val-run must not leave the .onnx behind
+        from cifarx.card import check_card_inputs
+
+        check_card_inputs(output, val_runs)
     report = export_onnx(checkpoint, output, opset=opset, tta=tta, fp16=fp16, data=data, data_root=data_root,
                          parity_count=parity_images)
     if card:
@@ -271,7 +276,7 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images,
 @click.option("--data", help="image folder or 'cifar10'; without it only latency is measured")
 @click.option("--data-root")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
-@click.option("--val-size", type=int, help="for --split val: default is the size recorded in the model")
+@click.option("--val-size", type=click.IntRange(1), help="for --split val: default is the size recorded in the model")
 @click.option("--seed", type=int, help="for --split val: default is the seed recorded in the model")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--device-id", type=int, default=0, show_default=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -17,6 +18,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "multistep", "cosine", "linear", "onecycle")
 AUGMENTATIONS = ("crop", "flip", "cutout", "rotate", "autoaugment", "erasing")
 TTA_MODES = ("none", "flip", "flip-translate")
+TRANSLATE_MODES = ("reflect", "constant")  # the padding modes both torch.nn.functional.pad and torchvision's RandomCrop know
 # vae-ssl recipes: `--method X` is the preset vae-ssl-X; "deep-" ones have the TP3 CNN as q(y|x)
 SSL_METHODS = ("m1", "m2", "m2-fixmatch", "supervised", "deep-m2-fixmatch", "deep-fixmatch", "deep-supervised")
 
@@ -98,6 +100,7 @@ class TrainConfig:
         for name, value in positive.items():
             if value is None or not value > 0 or not math.isfinite(value):  # `not >` also refuses NaN
                 raise CifarxError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        self._validate_numbers()
         at_least = {"train_size": (self.train_size or 0, 0), "threads": (self.threads or 0, 0), "workers": (self.workers, 0),
                     "warmup_epochs": (self.warmup_epochs, 0), "crop_padding": (self.crop_padding, 0),
                     "cutout_size": (self.cutout_size, 0), "ema_every": (self.ema_every, 1)}
@@ -108,7 +111,7 @@ class TrainConfig:
             raise CifarxError(f"--val-size must be >= 0, got {self.val_size}")
         if self.weight_decay < 0 or self.patience < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
             raise CifarxError("weight decay and patience must be >= 0; label smoothing and EMA decay in [0, 1)")
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "tta": TTA_MODES}
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "tta": TTA_MODES, "translate_mode": TRANSLATE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CifarxError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
@@ -119,9 +122,32 @@ class TrainConfig:
 
         if not self.model.startswith("timm/") and self.model not in list_models():
             raise CifarxError(f"unknown model {self.model!r}; `cifarx models` lists the registered ones")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise CifarxError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
         self._validate_semi_supervised()
+
+    def _validate_numbers(self) -> None:
+        """Every float setting finite (Python's comparisons let NaN through silently), and each in its range."""
+        hints = typing.get_type_hints(type(self))
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if _has_type(value, float) and float in _types_of(hints[item.name]) and not math.isfinite(value):
+                raise CifarxError(f"--{item.name.replace('_', '-')} must be a finite number, got {value}")
+        # (lowest, highest, whether the highest itself is allowed); the side is 32 pixels
+        ranges = {"momentum": (0, 1, False), "norm_lr_scale": (0, math.inf, True), "gamma": (0, math.inf, True),
+                  "initial_lr_fraction": (0, 1, True), "final_lr_fraction": (0, 1, True),
+                  "lookahead_decay": (0, 1, False), "lookahead_power": (0, math.inf, True),
+                  "rotate_degrees": (0, 180, True), "dist_timeout": (0, math.inf, True),
+                  "norm_weight_decay": (0, math.inf, True), "warmup_epochs": (0, math.inf, True),
+                  "crop_padding": (0, 31, True), "cutout_size": (0, 32, True), "lookahead_every": (0, math.inf, True)}
+        for name, (lowest, highest, closed) in ranges.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (lowest <= value <= highest if closed else lowest <= value < highest):
+                interval = f"[{lowest}, {highest}{']' if closed else ')'}" if highest != math.inf else f">= {lowest}"
+                raise CifarxError(f"--{name.replace('_', '-')} must be {'in ' if highest != math.inf else ''}{interval}, "
+                                  f"got {value}")
 
     def _validate_semi_supervised(self) -> None:
         if self.unlabelled != "all" and (not isinstance(self.unlabelled, int) or self.unlabelled < 0):
@@ -150,6 +176,13 @@ class TrainConfig:
             if not _has_type(value, hints[name]):
                 raise CifarxError(f"setting {name} must be {getattr(hints[name], '__name__', hints[name])}, got {value!r}")
         return cls(**values)
+
+
+def _types_of(hint: Any) -> tuple:
+    """The plain types an annotation allows: float | None -> (float, NoneType)."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return typing.get_args(hint)
+    return (hint,)
 
 
 def _has_type(value: Any, hint: Any) -> bool:

@@ -98,9 +98,7 @@ class Ranks:
         """Join the process group (NCCL for CUDA, gloo for CPU); returns this rank's device (cuda -> cuda:LOCAL_RANK)."""
         if not self.is_distributed:
             return device
-        if batch_size % self.world_size:
-            raise CifarxError(f"--batch-size {batch_size} (the global batch) must be a multiple of the "
-                              f"{self.world_size} ranks, so every rank trains on as many images")
+        check_batch_split(batch_size, self.world_size)
         if not timeout_seconds > 0:
             raise CifarxError(f"dist_timeout must be a positive number of seconds, got {timeout_seconds}")
         if device.type == "cuda":
@@ -198,6 +196,13 @@ class Ranks:
         if self._owns_group and error is None:
             dist.destroy_process_group()
             self._owns_group = False
+
+
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """The global batch splits evenly over the ranks; checked by the launcher too, so a bad pair never starts torchrun."""
+    if batch_size % world_size:
+        raise CifarxError(f"--batch-size {batch_size} (the global batch) must be a multiple of the "
+                          f"{world_size} ranks, so every rank trains on as many images")
 
 
 def launch_training(nproc: int, command: str, run_dir: str | os.PathLike) -> None:

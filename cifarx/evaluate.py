@@ -15,7 +15,7 @@ import numpy as np
 
 from cifarx import data as datamod
 from cifarx.errors import CifarxError
-from cifarx.onnxfile import create_session, model_info
+from cifarx.onnxfile import create_session, model_info, recorded_val_split
 
 
 def load_eval_images(data: str, split: str, info: dict, data_root: str | None = None,
@@ -25,21 +25,12 @@ def load_eval_images(data: str, split: str, info: dict, data_root: str | None = 
         return datamod.load_split(data, "test", data_root)
     if split != "val":
         raise CifarxError(f"unknown split {split!r}; use test or val")
-    recorded = _json_meta(info, "val_split") or {}
-    val_size = val_size if val_size is not None else recorded.get("val_size") or 5000
-    seed = seed if seed is not None else recorded.get("seed") or 0
+    recorded = recorded_val_split(info)
+    val_size = val_size if val_size is not None else recorded["val_size"] or 5000
+    seed = seed if seed is not None else recorded["seed"] or 0
     full = datamod.load_split(data, "train", data_root)
     _, index = datamod.stratified_split(full.labels, val_size, seed)
     return full.subset(index)
-
-
-def _json_meta(info: dict, key: str):
-    import json
-
-    try:
-        return json.loads(info["metadata"].get(key, "null"))
-    except ValueError:
-        return None
 
 
 def predict_logits(session, info: dict, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -221,6 +212,18 @@ def gpu_environment(device_id: int = 0) -> dict:
     return gpu
 
 
+def check_batch_sizes_fit(batch_sizes: list[int]) -> None:
+    """Refuse, before any work, a batch whose float32 input alone would take half of this machine's memory."""
+    import os
+
+    largest = max(batch_sizes)
+    needed = largest * 3 * 32 * 32 * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory / 2:
+        raise CifarxError(f"--batch-sizes {largest}: its input alone takes {needed / 1e9:.1f} GB, more than half of this "
+                          f"machine's {memory / 1e9:.1f} GB of memory")
+
+
 def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "test", provider: str = "cpu",
                   batch_sizes: list[int] = (1, 64), threads: int | list[int] | None = None, graph_optimization: str = "all",
                   warmup: int = 5, repeats: int = 30, device_id: int = 0, data_root: str | None = None,
@@ -232,6 +235,7 @@ def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "tes
     each. `compare_torch` (the run folder or checkpoint that was exported) adds PyTorch eager on the same batches
     with the same thread counts (`torch_latency`) and the agreement of its logits with ONNX Runtime's (`parity`).
     """
+    check_batch_sizes_fit(batch_sizes)
     thread_counts = list(dict.fromkeys([threads] if threads is None or isinstance(threads, int) else threads))
     if compare_torch is not None and thread_counts == [None]:
         import torch
@@ -252,6 +256,9 @@ def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "tes
         to_model = datamod.class_index(info["class_names"], image_set.class_names).numpy()
         images = image_set.images.numpy()
         logits = predict_logits(session, info, images)
+        broken = int((~np.isfinite(logits).all(axis=1)).sum())
+        if broken:  # argmax of NaN logits is class 0: that would be scored as 1/classes accuracy
+            raise CifarxError(f"{model_path} gave non-finite outputs (NaN or inf) for {broken} of {len(images)} images")
         result.update({"split": split, "images": len(images)})
         result.update(score(logits, to_model[image_set.labels.numpy()], info["class_names"]))
     else:

@@ -13,10 +13,17 @@ import cifarx
 from cifarx import data as datamod
 from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_path
+from cifarx.io import atomic_path, check_writable
 from cifarx.models.common import TestTimeAugmentation, preprocessing_of
 
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter writes natively; ORT >= 1.14 runs it
+
+
+def opset_range() -> tuple[int, int]:
+    """Opsets export accepts: from the exporter's lowest native one to the newest this onnx package defines."""
+    import onnx
+
+    return DEFAULT_OPSET, onnx.defs.onnx_opset_version()
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "probabilities")
 
@@ -53,7 +60,11 @@ def check_parity(onnx_path: Path, torch_model: nn.Module, images: torch.Tensor, 
     """ONNX Runtime CPU against PyTorch on the same images: top-1 agreement and the largest |delta logit|."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # e.g. an opset newer than this ONNX Runtime knows
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CifarxError(f"ONNX Runtime cannot load the exported graph: {message}; no file written") from None
     input_type = session.get_inputs()[0].type
     agree, max_delta, scale = 0, 0.0, 0.0
     with torch.no_grad():
@@ -63,6 +74,9 @@ def check_parity(onnx_path: Path, torch_model: nn.Module, images: torch.Tensor, 
             feed = batch.half().numpy() if "float16" in input_type else batch.numpy()
             got = torch.from_numpy(session.run(["logits"], {INPUT_NAME: feed})[0]).float()
             agree += (got.argmax(1) == expected.argmax(1)).sum().item()
+            if not (torch.isfinite(got).all() and torch.isfinite(expected).all()):  # Python's max would skip a NaN
+                raise CifarxError("parity check failed: the model's logits are not finite (NaN or inf weights?); "
+                                  "no file written")
             max_delta = max(max_delta, (got - expected).abs().max().item())
             scale = max(scale, expected.abs().max().item())
     return {"images": len(images), "top1_agreement": agree / max(1, len(images)), "max_abs_logit_delta": max_delta,
@@ -103,6 +117,9 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
                 fp16: bool = False, data: str | None = None, data_root: str | None = None,
                 parity_count: int = 256, tolerance: float | None = None) -> dict:
     """Export a checkpoint (or run folder) to `output`; returns the parity report. Nothing is left on failure."""
+    lowest, highest = opset_range()
+    if not lowest <= opset <= highest:
+        raise CifarxError(f"--opset must be in [{lowest}, {highest}] (the exporter writes {lowest} or newer), got {opset}")
     checkpoint = resolve_checkpoint(checkpoint)
     model, payload = load_model(checkpoint)
     preprocessing = preprocessing_of(model)
@@ -113,6 +130,11 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
     output = Path(output)
     if output.suffix != ".onnx":
         raise CifarxError(f"output file should end in .onnx: {output}")
+    check_writable(output)
+    with torch.no_grad():
+        outputs = wrapper(example)[0].shape[-1]
+    if outputs != len(payload["class_names"]):  # a file whose metadata names other classes than it outputs is unusable
+        raise CifarxError(f"{checkpoint} lists {len(payload['class_names'])} class names but its model has {outputs} outputs")
     images = parity_images(payload, data, data_root, parity_count)
     # Relative to the largest logit: float32 kernels sum in different orders, so error grows with magnitude.
     tolerance = tolerance if tolerance is not None else (1e-2 if fp16 else 1e-4)
@@ -131,6 +153,8 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
         import onnx
 
         del onnx_model.metadata_props[:]
+        # what the exporter wrote, which is what the metadata and the report say
+        opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
         for key, value in build_metadata(payload, checkpoint, opset, tta, preprocessing, fp16).items():
             onnx_model.metadata_props.add(key=key, value=value)
         onnx_model.producer_name = "cifarx"

@@ -6,7 +6,9 @@ import contextlib
 import io
 import json
 import os
+import stat
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,20 +17,37 @@ from cifarx.errors import CifarxError
 
 def check_writable(target: str | os.PathLike) -> None:
     """Refuse now, creating nothing, a target whose folder could not be made: before long work, not after it."""
+    _check_regular(Path(target))
     folder = Path(target).absolute().parent
     existing = folder
     while not existing.exists():  # also false below a regular file: climb to what is there
         existing = existing.parent
     if not existing.is_dir():
         raise CifarxError(f"cannot write to {folder}: {existing} is not a folder")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:  # root passes os.access on a read-only mount too
+        raise CifarxError(f"cannot write to {folder}: read-only file system")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CifarxError(f"cannot write to {folder}: permission denied")
+
+
+def _check_regular(target: Path) -> None:
+    """os.replace would swap a device, FIFO, socket or folder at `target` for a plain file: refuse them."""
+    try:
+        mode = target.stat().st_mode  # through a symlink: what it points to is what would be replaced
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as error:
+        raise CifarxError(f"cannot write to {target}: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+        raise CifarxError(f"cannot write {target}: it is {kind}, not a regular file")
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success move it over `target`, on any failure remove it."""
     target = Path(target)
+    _check_regular(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -80,3 +99,11 @@ def atomic_write_json(target: str | os.PathLike, obj) -> None:
 
 def atomic_savefig(figure, target: str | os.PathLike) -> None:
     atomic_write(target, lambda path: figure.savefig(path, format="png", dpi=110, bbox_inches="tight"))
+
+
+def check_zip_checksums(path: str | os.PathLike) -> None:
+    """Refuse a torch.save archive with a CRC mismatch: torch.load skips the CRCs, so a flipped bit would load."""
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise CifarxError(f"{path} is damaged (checksum mismatch in {damaged.split('/')[-1]})")

@@ -127,10 +127,18 @@ def model_info(session) -> dict:
     shape = list(inputs[0].shape)
     if len(shape) != 4 or shape[1:] != [3, 32, 32]:
         raise CifarxError(f"model input must be [N,3,32,32], found {shape}")
+    if isinstance(shape[0], int):  # ONNX Runtime refuses every other batch size: eval's sweeps and predict's lists
+        raise CifarxError(f"model input has a fixed batch size of {shape[0]}; cifarx needs [N,3,32,32] with a free N "
+                          "(cifarx export writes one)")
     try:
         class_names = json.loads(meta["class_names"])
     except (KeyError, ValueError):
         raise CifarxError("model metadata has no class_names: not a cifarx export") from None
+    if not isinstance(class_names, list) or not class_names or not all(isinstance(n, str) for n in class_names):
+        raise CifarxError(f"model metadata class_names must be a JSON list of names, got {_shorten(meta['class_names'])}")
+    if meta.get("input_size", "32") != "32":  # the input is [N,3,32,32] (checked above): any other size is a lie
+        raise CifarxError(f"model metadata input_size must be 32 (the input is [N,3,32,32]), got "
+                          f"{_shorten(meta['input_size'])}")
     output_names = [o.name for o in session.get_outputs()]
     if len(class_names) != session.get_outputs()[0].shape[-1] and isinstance(session.get_outputs()[0].shape[-1], int):
         raise CifarxError(f"metadata lists {len(class_names)} classes but the model outputs {session.get_outputs()[0].shape[-1]}")
@@ -142,3 +150,27 @@ def model_info(session) -> dict:
         "metadata": dict(meta),
     }
 
+
+
+def recorded_val_split(info: dict) -> dict:
+    """The validation split recorded in a model's metadata: {'val_size': int >= 0 or None, 'seed': int or None}."""
+    raw = info["metadata"].get("val_split")
+    if raw is None:
+        return {"val_size": None, "seed": None}
+    try:
+        recorded = json.loads(raw)
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise CifarxError(f"model metadata val_split must be a JSON object, got {_shorten(raw)}")
+    for key in ("val_size", "seed"):
+        value = recorded.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise CifarxError(f"model metadata val_split {key} must be a whole number >= 0, got {_shorten(json.dumps(value))}")
+    return {"val_size": recorded.get("val_size"), "seed": recorded.get("seed")}
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    """Metadata is the file's text, of any length: quote the start of it."""
+    text = " ".join(str(text).split())
+    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -23,7 +23,7 @@ from cifarx import data as datamod
 from cifarx.errors import CifarxError
 from cifarx.evaluate import environment, float_batch, load_eval_images, logit_parity, measure_latency, predict_logits, score
 from cifarx.io import atomic_path
-from cifarx.onnxfile import create_session, model_info
+from cifarx.onnxfile import create_session, model_info, recorded_val_split
 
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
@@ -54,10 +54,10 @@ def calibration_images(data: str, info: dict, count: int, data_root: str | None 
     import torch
 
     full = datamod.load_split(data, "train", data_root)
-    recorded = json.loads(info["metadata"].get("val_split", "null") or "null") or {}
-    val_size = recorded.get("val_size") or 0
+    recorded = recorded_val_split(info)
+    val_size = recorded["val_size"] or 0
     if 0 < val_size < len(full):
-        kept, _ = datamod.stratified_split(full.labels, val_size, recorded.get("seed") or 0)
+        kept, _ = datamod.stratified_split(full.labels, val_size, recorded["seed"] or 0)
     else:
         kept = torch.arange(len(full))
     if count < len(kept):
@@ -67,6 +67,8 @@ def calibration_images(data: str, info: dict, count: int, data_root: str | None 
 
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                 "DynamicQuantizeLinear"}
 
 
 def end_layers(model: onnx.ModelProto) -> list[str]:
@@ -99,6 +101,10 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
     info = model_info(create_session(model_path))
     if info["input_dtype"] != "float32":
         raise CifarxError(f"{model_path} is a float16 export; quantise the float32 one")
+    quantized_ops = sorted({node.op_type for node in onnx.load(str(model_path)).graph.node} & QUANTIZED_OPS)
+    if quantized_ops:  # ONNX Runtime's tools would fail deep inside on a graph that already has them
+        raise CifarxError(f"{model_path} is already quantised (it has {', '.join(quantized_ops)} nodes); "
+                          "quantise its float32 export")
     images = calibration_images(data, info, calibration_count, data_root, seed)
     settings = {"format": "QDQ", "weights": "int8", "activations": activation_type, "per_channel": per_channel,
                 "reduce_range": reduce_range, "keep_ends_fp32": keep_ends_fp32, "op_types": list(WEIGHTED_OPS),

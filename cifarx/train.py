@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from cifarx import data as datamod
 from cifarx import distributed
-from cifarx.checkpoint import read_checkpoint, save_checkpoint
+from cifarx.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from cifarx.config import TrainConfig
 from cifarx.errors import CifarxError, TrainingInterrupted
 from cifarx.io import atomic_savefig, atomic_write_json, atomic_write_text
@@ -437,14 +437,17 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     state = RunState()
     if payload is not None:
         saved = payload["train_state"]
-        model.load_state_dict(saved["model"])
+        load_weights(model, saved["model"], last, config.model)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if ema is not None:
             ema.module.load_state_dict(saved["ema"])
         if lookahead is not None:
             lookahead.average = saved["lookahead"]
-        state = RunState(**saved["run"])
+        try:
+            state = RunState(**saved["run"])
+        except TypeError as error:  # a hand-edited or newer last.pt
+            raise CifarxError(f"{last} holds a run state this cifarx cannot read ({error})") from None
         state.partial = {**RunState().partial, **state.partial}  # counters added since the checkpoint was written
         if ranks.is_main:  # a kill between last.pt and metrics.csv left the file one epoch behind
             write_metrics(run_dir, state.history)
@@ -509,6 +512,9 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                     "correct": (out["logits"].argmax(1) == labels).sum().item(),
                     "seen": len(labels), "labelled": (labels >= 0).sum().item(),
                 }, interrupt.raised)
+                if not math.isfinite(step_sums["loss_sum"]):  # every rank sees the summed loss, so all stop together
+                    raise CifarxError(f"the training loss is not finite ({step_sums['loss_sum']}) at epoch {epoch + 1} "
+                                      f"step {step + 1}; the run stopped (lower --lr?); {run_dir} keeps the last good epoch")
                 for key, value in step_sums.items():
                     state.partial[key] += value
                 reporter.advance(step_sums["loss_sum"] / step_sums["seen"])

@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -166,8 +167,51 @@ def bad_files(tmp_path, trained_run) -> dict:
         (tmp_path / "no_images" / split / "cat").mkdir(parents=True)
         (tmp_path / "no_images" / split / "cat" / "notes.txt").write_text("not an image")
     make_image_folder(tmp_path / "other_classes", "test", classes=["whale", "cat"], per_class=2)
+    os.mkfifo(tmp_path / "fifo")  # targets that are not regular files: the atomic replace must never swap them
+    os.mkfifo(tmp_path / "fifo.onnx")
+    os.mknod(tmp_path / "null.onnx", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a copy of /dev/null
+    crafted_onnx_files(tmp_path, trained_run["onnx"])
+    crafted_checkpoints(tmp_path, trained_run["run"])
     return {"tmp": tmp_path, "data": trained_run["data"], "run": trained_run["run"], "onnx": trained_run["onnx"],
             "image": trained_run["data"] / "test" / "cat" / "0000.png"}
+
+
+def crafted_onnx_files(folder: Path, good: Path) -> None:
+    """The good export with one metadata value or its batch dimension changed, and a model that is already int8."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    metadata = {"names_null": ("class_names", "null"), "names_number": ("class_names", "4"),
+                "names_dict": ("class_names", '{"a": 1}'), "size_text": ("input_size", "big"),
+                "size_64": ("input_size", "64"), "size_huge": ("input_size", "100000"),
+                "split_text": ("val_split", '"the usual"'), "split_size_text": ("val_split", '{"val_size": "many"}')}
+    for name, (key, value) in metadata.items():
+        model = onnx.load(str(good))
+        (prop,) = [p for p in model.metadata_props if p.key == key]
+        prop.value = value
+        onnx.save(model, str(folder / f"{name}.onnx"))
+    model = onnx.load(str(good))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # a fixed batch of 1 instead of N
+    onnx.save(model, str(folder / "batch1.onnx"))
+    scale, zero = numpy_helper.from_array(np.float32(1 / 255), "s"), numpy_helper.from_array(np.uint8(0), "z")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    int8 = onnx_model(["N", 3, 32, 32], [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"]),
+                                         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+                                         helper.make_node("ReduceMean", ["d", "axes"], ["logits"], keepdims=0)],
+                      [scale, zero, axes], output_shape=["N", 3])
+    onnx.save(int8, str(folder / "int8.onnx"))
+
+
+def crafted_checkpoints(folder: Path, run_dir: Path) -> None:
+    """The good checkpoints with their structure changed the way a hand-edited or hostile file would be."""
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    torch.save({k: v for k, v in best.items() if k != "model"}, folder / "no_model.pt")
+    torch.save({**best, "model": {**best["model"], "name": "fast"}}, folder / "other_model.pt")
+    torch.save({**best, "class_names": best["class_names"][:3]}, folder / "three_names.pt")
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    last["train_state"]["run"]["tomorrow"] = 1  # a run-state field this cifarx does not know
+    (folder / "odd_run").mkdir()
+    torch.save(last, folder / "odd_run" / "last.pt")
 
 
 TRAIN = ["train", "--data", "{data}", "--epochs", "1", "--batch-size", "16", "--val-size", "16"]
@@ -256,6 +300,57 @@ BAD_INPUT = {
     "train: resume nothing": (["train", "--resume", "{tmp}/r"], ["nothing to resume"]),
     "train: resume random bytes": (["train", "--resume", "{tmp}/random.pt"], ["not a readable cifarx checkpoint"]),
     "train: resume an inference checkpoint": (["train", "--resume", "{run}/best.pt"], ["no training state"]),
+    # issue 22: outputs that are not regular files
+    "eval: --json onto a FIFO": (["eval", "{onnx}", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1",
+                                  "--json", "{tmp}/fifo"], ["not a regular file", "fifo"]),
+    "eval: --json onto a folder": (["eval", "{onnx}", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1",
+                                    "--json", "{tmp}/no_images"], ["not a regular file", "no_images"]),
+    "export: output onto a character device": (["export", "{run}", "-o", "{tmp}/null.onnx", "--parity-images", "4"],
+                                               ["not a regular file", "null.onnx"]),
+    "quantize: output onto a FIFO": ([*quantize_args("{onnx}"), "-o", "{tmp}/fifo.onnx"], ["not a regular file"]),
+    # issue 22: numbers that are not finite or out of range, checked before the run folder is made
+    "train: NaN weight decay": ([*TRAIN, "--weight-decay", "nan", "--out", "{tmp}/r"], ["--weight-decay", "nan"]),
+    "train: infinite warm-up": ([*TRAIN, "--warmup-epochs", "inf", "--out", "{tmp}/r"], ["--warmup-epochs", "inf"]),
+    "train: crop padding over the image": ([*TRAIN, "--set", "crop_padding=100", "--out", "{tmp}/r"], ["--crop-padding", "100"]),
+    "train: unknown translate mode": ([*TRAIN, "--set", "translate_mode=bogus", "--out", "{tmp}/r"], ["translate_mode", "bogus"]),
+    "train: negative momentum": ([*TRAIN, "--set", "momentum=-1", "--out", "{tmp}/r"], ["--momentum", "-1"]),
+    "train: malformed cuda device": ([*TRAIN, "--device", "cuda:abc", "--out", "{tmp}/r"], ["unknown device", "cuda:abc"]),
+    "train: ViT image smaller than its patch grid": ([*TRAIN, "--model", "timm/vit_tiny_patch16_224", "--img-size", "8",
+                                                      "--out", "{tmp}/r"], ["timm/vit_tiny_patch16_224", "--img-size 8"]),
+    "train: empty file as --weights": ([*TRAIN, "--model", "timm/resnet18", "--img-size", "32", "--weights",
+                                        "{tmp}/empty.pt", "--out", "{tmp}/r"], ["--weights", "empty.pt"]),
+    "train: cifarx checkpoint as --weights": ([*TRAIN, "--model", "timm/resnet18", "--img-size", "32", "--weights",
+                                               "{run}/best.pt", "--out", "{tmp}/r"], ["--weights", "best.pt"]),
+    "train: --nproc 2 with an odd batch size": ([*TRAIN, "--nproc", "2", "--batch-size", "33", "--out", "{tmp}/r"],
+                                                ["--batch-size 33", "2"]),
+    "eval: validation split of 0 images": (["eval", "{onnx}", "--data", "{data}", "--split", "val", "--val-size", "0"],
+                                           ["--val-size"]),
+    "eval: batch size beyond memory": (["eval", "{onnx}", "--batch-sizes", "1000000000"], ["--batch-sizes", "memory"]),
+    # issue 22: export checks before it writes
+    "export: class names do not match the outputs": (["export", "{tmp}/three_names.pt", "-o", "{tmp}/out/x.onnx"],
+                                                     ["3 class names", "4 outputs"]),
+    "export: opset 0": (["export", "{run}", "-o", "{tmp}/out/x.onnx", "--opset", "0"], ["--opset"]),
+    "export: opset 7": (["export", "{run}", "-o", "{tmp}/out/x.onnx", "--opset", "7"], ["--opset"]),
+    "export: opset 99": (["export", "{run}", "-o", "{tmp}/out/x.onnx", "--opset", "99"], ["--opset"]),
+    "export: --card with a missing --val-run": (["export", "{run}", "-o", "{tmp}/out/x.onnx", "--parity-images", "4",
+                                                 "--card", "--val-run", "{tmp}/missing"], ["missing"]),
+    # issue 22: crafted checkpoints
+    "export: checkpoint without its model": (["export", "{tmp}/no_model.pt", "-o", "{tmp}/out/x.onnx"], ["no_model.pt", "model"]),
+    "export: model name that does not fit the weights": (["export", "{tmp}/other_model.pt", "-o", "{tmp}/out/x.onnx"],
+                                                         ["other_model.pt", "do not fit", "fast"]),
+    "train: resume with an unknown run-state field": (["train", "--resume", "{tmp}/odd_run"], ["tomorrow"]),
+    # issue 22: crafted ONNX metadata
+    "predict: class_names null": (["predict", "{tmp}/names_null.onnx", "{image}"], ["class_names"]),
+    "predict: class_names a number": (["predict", "{tmp}/names_number.onnx", "{image}"], ["class_names"]),
+    "predict: class_names a dict": (["predict", "{tmp}/names_dict.onnx", "{image}"], ["class_names"]),
+    "predict: input_size not a number": (["predict", "{tmp}/size_text.onnx", "{image}"], ["input_size", "big"]),
+    "predict: input_size 64": (["predict", "{tmp}/size_64.onnx", "{image}"], ["input_size", "64"]),
+    "predict: input_size 100000": (["predict", "{tmp}/size_huge.onnx", "{image}"], ["input_size", "100000"]),
+    "eval: val_split not a dict": (["eval", "{tmp}/split_text.onnx", "--data", "{data}", "--split", "val"], ["val_split"]),
+    "eval: val_split size not a number": (["eval", "{tmp}/split_size_text.onnx", "--data", "{data}", "--split", "val"],
+                                          ["val_split", "many"]),
+    "eval: fixed batch dimension": (["eval", "{tmp}/batch1.onnx"], ["batch", "1"]),
+    "quantize: a model that is already int8": ([*quantize_args("{tmp}/int8.onnx")], ["already", "QuantizeLinear"]),
 }
 
 
@@ -614,3 +709,177 @@ def test_every_row_of_docs_reliability_names_a_test_that_exists():
     ours = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text() + (REPO / "tests" / "test_properties.py").read_text(), re.M))
     assert ours - named - {"test_bad_input_is_one_line_exit_2_and_writes_nothing",
                            "test_every_row_of_docs_reliability_names_a_test_that_exists"} == set(), "tests missing from the page"
+
+
+# ---------------------------------------------------------------------------------------------- issue 22: one of each
+
+
+@pytest.mark.parametrize("kind", ["character device", "fifo", "folder"])
+@pytest.mark.parametrize("writer", ["text", "json", "torch", "png"])
+def test_every_atomic_writer_refuses_a_target_that_is_not_a_regular_file(tmp_path, kind, writer):
+    from cifarx import io
+
+    target = tmp_path / "target"
+    {"character device": lambda: os.mknod(target, 0o666 | stat.S_IFCHR, os.makedev(1, 3)),
+     "fifo": lambda: os.mkfifo(target), "folder": target.mkdir}[kind]()
+    kind_before = stat.S_IFMT(target.lstat().st_mode)
+
+    def write():
+        if writer == "png":
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            io.atomic_savefig(plt.figure(), target)
+        else:
+            {"text": lambda: io.atomic_write_text(target, "x"), "json": lambda: io.atomic_write_json(target, {}),
+             "torch": lambda: io.atomic_torch_save({}, target)}[writer]()
+
+    with pytest.raises(CifarxError, match="not a regular file"):
+        io.check_writable(target)
+    with pytest.raises(CifarxError, match="not a regular file"):
+        write()
+    assert stat.S_IFMT(target.lstat().st_mode) == kind_before  # the device, FIFO or folder is still there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]  # no temporary left
+
+
+def test_read_only_file_system_is_named_as_such(tmp_path, monkeypatch):
+    from cifarx import io
+
+    real_statvfs = os.statvfs
+
+    def read_only(path):
+        result = real_statvfs(path)
+        return os.statvfs_result((*result[:8], result.f_flag | os.ST_RDONLY, result.f_namemax))
+
+    monkeypatch.setattr(os, "statvfs", read_only)
+    with pytest.raises(CifarxError, match="read-only file system"):
+        io.check_writable(tmp_path / "e.json")
+
+
+def test_non_finite_loss_stops_the_run_with_one_line_naming_epoch_and_step(image_folder, tmp_path):
+    result = run(*[a.format(data=image_folder) for a in TRAIN], "--optimizer", "sgd", "--lr", "1e30", "--out", tmp_path / "r")
+    assert_one_line_error(result, "loss", "not finite", "epoch 1 step")
+    assert not (tmp_path / "r" / "best.pt").exists()  # nothing trained on NaN weights is kept as a model
+
+
+def checkpoint_with_nan_weight(run_dir: Path, path: Path) -> Path:
+    payload = torch.load(run_dir / "best.pt", weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    payload["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(payload, path)
+    return path
+
+
+def test_export_parity_treats_nan_as_a_failure(trained_run, tmp_path):
+    crafted = checkpoint_with_nan_weight(trained_run["run"], tmp_path / "nan.pt")
+    result = run("export", crafted, "-o", tmp_path / "x.onnx", "--data", trained_run["data"], "--parity-images", "8")
+    assert_one_line_error(result, "parity check failed", "not finite")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_eval_treats_nan_outputs_as_a_failure_not_as_ten_percent(tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    nodes = [helper.make_node("Neg", ["input"], ["negative"]),
+             helper.make_node("ReduceMean", ["negative", "axes"], ["mean"], keepdims=0),
+             helper.make_node("Log", ["mean"], ["logits"])]  # log of a negative number: NaN
+    onnx.save(onnx_model(["N", 3, 32, 32], nodes, [axes], output_shape=["N", 3]), str(tmp_path / "nan.onnx"))
+    make_image_folder(tmp_path / "abc", "test", classes=["a", "b", "c"], per_class=2)
+    result = run("eval", tmp_path / "nan.onnx", "--data", tmp_path / "abc", "--repeats", "1", "--warmup", "0",
+                 "--batch-sizes", "1")
+    assert_one_line_error(result, "non-finite outputs", "6 images")
+
+
+def test_16_bit_png_is_scaled_not_clipped_alike_in_training_and_predict(trained_run, tmp_path):
+    from PIL import Image
+
+    from cifarx.data import decode_image
+    from cifarx.predict import load_images
+
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((32, 32), 0x4000, np.uint16)).save(path)  # a quarter of the 16-bit range
+    assert Image.open(path).mode == "I;16"
+    assert decode_image(path).unique().tolist() == [64]  # 0x4000 / 257, rounded; clipping gave 255 (white)
+    assert np.unique(np.rint(load_images([path]) * 255)).tolist() == [64.0]
+
+
+def test_gif_and_tiff_are_read_by_training_as_by_predict_and_other_files_are_named(image_folder):
+    from PIL import Image
+
+    from cifarx import data
+    from cifarx.predict import load_images
+
+    cat = image_folder / "train" / "cat"
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for name in ("extra.gif", "extra.tif"):
+        Image.fromarray(pixels).save(cat / name)
+    (cat / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"skipping 1 file.*notes\.txt"):
+        image_set = data.load_split(str(image_folder), "train")
+    assert len(image_set) == 96 + 2
+    for name in ("extra.gif", "extra.tif"):
+        assert np.array_equal(np.rint(load_images([cat / name])[0] * 255), data.decode_image(cat / name).numpy())
+
+
+def test_non_utf8_file_names_load_and_class_folder_names_are_one_line(image_folder, tmp_path):
+    from cifarx import data
+
+    cat = image_folder / "train" / "cat"
+    os.rename(cat / "0000.png", os.fsencode(cat) + b"/caf\xe9.png")  # a Latin-1 file name
+    assert len(data.load_split(str(image_folder), "train")) == 96
+    os.rename(cat, os.fsencode(image_folder / "train") + b"/ch\xe2t")
+    result = run(*[a.format(data=image_folder) for a in TRAIN], "--out", tmp_path / "r")
+    assert_one_line_error(result, "not valid UTF-8", "ch\\xe2t")
+    assert not (tmp_path / "r").exists()
+
+
+def test_text_that_looks_like_rich_markup_is_printed_as_it_is(tmp_path):
+    folder = tmp_path / "d[/x]"
+    make_image_folder(folder, "train", classes=["[bold]plane", "car"], per_class=12)
+    make_image_folder(folder, "test", classes=["[bold]plane", "car"], per_class=2)
+    out, model = tmp_path / "r[/x]", tmp_path / "m[/x].onnx"
+    result = run("train", "--data", folder, "--epochs", "1", "--batch-size", "8", "--val-size", "4", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"on {folder} -> {out}" in result.output
+    result = run("export", out, "-o", model, "--parity-images", "4")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {model}" in result.output
+    result = run("eval", model, "--data", folder, "--repeats", "1", "--warmup", "0", "--batch-sizes", "1")
+    assert result.exit_code == 0, result.output
+    assert "[bold]plane" in result.output  # the class name, not a bold "plane"
+    image = folder / "test" / "car" / "0000.png"
+    result = run("predict", model, image)
+    assert result.exit_code == 0, result.output
+    assert f"{image}:" in result.output and "[bold]plane" in result.output
+
+
+def test_flipped_byte_in_the_image_cache_is_noticed_and_the_cache_rebuilt(image_folder):
+    from cifarx import data
+    from cifarx.data import default_cache_dir
+
+    first = data.load_split(str(image_folder), "train")
+    (cache,) = default_cache_dir().glob("images-*.pt")
+    raw = bytearray(cache.read_bytes())
+    with zipfile.ZipFile(cache) as archive:
+        images = max(archive.infolist(), key=lambda info: info.file_size)
+    name_length, extra_length = struct.unpack("<HH", raw[images.header_offset + 26 : images.header_offset + 30])
+    raw[images.header_offset + 30 + name_length + extra_length + images.file_size // 2] ^= 0x10  # one pixel's bit
+    cache.write_bytes(raw)
+    with pytest.warns(UserWarning, match="ignoring unreadable image cache.*checksum"):
+        again = data.load_split(str(image_folder), "train")
+    assert torch.equal(again.images, first.images)
+
+
+def test_export_metadata_names_the_opset_that_was_written(trained_run, tmp_path):
+    import onnx
+
+    result = run("export", trained_run["run"], "-o", tmp_path / "x.onnx", "--opset", "20", "--parity-images", "4")
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(tmp_path / "x.onnx"))
+    written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert written == 20 and metadata["opset"] == "20" and "opset 20" in result.output

