@@ -130,7 +130,7 @@ class RichReporter:
         )
 
     def message(self, text: str) -> None:
-        console.print(text, highlight=False)
+        console.print(escape(text), highlight=False)
 
 
 @cli.command()
@@ -223,7 +223,8 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
             check_batch_split(config.batch_size, nproc)
             launch_training(nproc, click.get_current_context().obj["command"], config.out)
             return
-        console.print(f"training [bold]{config.model}[/] on {config.data} -> {config.out}", highlight=False)
+        console.print(f"training [bold]{escape(config.model)}[/] on {escape(config.data)} -> {escape(config.out)}",
+                      highlight=False)
         summary = run_training(config, reporter=RichReporter())
     console.print_json(json.dumps(summary))
 
@@ -260,9 +261,9 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images,
 
         written = write_model_card(checkpoint, output, report, val_runs, click.get_current_context().obj["command"],
                                    card_note)
-        console.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
+        console.print(f"wrote {escape(', '.join(str(p) for p in written))}", highlight=False)
     console.print(
-        f"wrote {report['output']} ({report['bytes'] / 1e6:.2f} MB, opset {report['opset']}); parity on "
+        f"wrote {escape(report['output'])} ({report['bytes'] / 1e6:.2f} MB, opset {report['opset']}); parity on "
         f"{report['images']} images: top-1 agreement {report['top1_agreement']:.2%}, "
         f"max |delta logit| {report['max_abs_logit_delta']:.2e}", highlight=False,
     )
@@ -297,6 +298,7 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
     from pathlib import Path
 
     from rich.table import Table
+    from rich.text import Text
 
     from cifarx.evaluate import evaluate_onnx, save_confusion_png, save_latency_png
     from cifarx.io import atomic_write_json, check_writable
@@ -314,7 +316,7 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
         table.add_column("class")
         table.add_column("accuracy", justify="right")
         for name, value in result["per_class"].items():
-            table.add_row(name, f"{value:.2%}")
+            table.add_row(Text(name), f"{value:.2%}")  # a class name is text, even "[bold]x"
         console.print(table)
     table = Table(title=f"latency on {result['provider']}")
     for column in ("runtime", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
@@ -333,14 +335,14 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
     if plots and "confusion_matrix" in result:
         png = Path(plots) / f"{Path(model_file).stem}-confusion.png"
         save_confusion_png(result, png)
-        console.print(f"wrote {png}", highlight=False)
+        console.print(f"wrote {escape(str(png))}", highlight=False)
     if plots:
         png = Path(plots) / f"{Path(model_file).stem}-latency.png"
         save_latency_png(result, png)
-        console.print(f"wrote {png}", highlight=False)
+        console.print(f"wrote {escape(str(png))}", highlight=False)
     if json_path:
         atomic_write_json(json_path, result)
-        console.print(f"wrote {json_path}", highlight=False)
+        console.print(f"wrote {escape(json_path)}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- quantize
@@ -384,7 +386,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
                            calibration_method=calibration_method, activation_type=activation_type,
                            per_channel=per_channel, reduce_range=reduce_range, keep_ends_fp32=keep_ends_fp32,
                            data_root=data_root)
-    console.print(f"wrote {report['output']} ({report['bytes'] / 1e6:.2f} MB, from {report['source_bytes'] / 1e6:.2f} MB); "
+    console.print(f"wrote {escape(report['output'])} ({report['bytes'] / 1e6:.2f} MB, from {report['source_bytes'] / 1e6:.2f} MB); "
                   f"calibrated on {report['calibration_images']} images ({calibration_method})", highlight=False)
     result = {"quantization": report}
     if compare:
@@ -408,7 +410,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
                       f"{comparison['agreement']['top1_agreement']:.2%}, throughput {speedups}", highlight=False)
     if json_path:
         atomic_write_json(json_path, result)
-        console.print(f"wrote {json_path}", highlight=False)
+        console.print(f"wrote {escape(json_path)}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -430,7 +432,7 @@ def predict(model_file, images, top_k, provider, as_json):
         return
     for result in results:
         ranked = ", ".join(f"{name} {p:.1%}" for name, p in result["top"])
-        console.print(f"{result['image']}: {ranked}", highlight=False)
+        console.print(f"{escape(result['image'])}: {escape(ranked)}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -17,10 +17,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+from cifarx import images as imagemod
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_torch_save
+from cifarx.images import IMAGE_SUFFIXES
+from cifarx.io import atomic_torch_save, check_zip_checksums
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 IMAGE_SIZE = 32
 CACHE_FORMAT = 1
 
@@ -80,13 +81,25 @@ def _list_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]
     class_names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_names:
         raise CifarxError(f"no class folders in {folder}: expected {folder}/<class>/<image files>")
+    for name in class_names:  # class names go into checkpoints, JSON and ONNX metadata, which hold text only
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+            raise CifarxError(f"class folder name is not valid UTF-8: {shown} in {folder}; rename it") from None
     files: list[tuple[Path, int]] = []
+    others: list[Path] = []
     for label, name in enumerate(class_names):
         for path in sorted((folder / name).iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
                 files.append((path, label))
+            elif not path.name.startswith("."):
+                others.append(path)
     if not files:
-        raise CifarxError(f"no images (PNG/JPEG) under {folder}")
+        raise CifarxError(f"no images ({', '.join(sorted(s[1:].upper() for s in IMAGE_SUFFIXES))}) under {folder}")
+    if others:
+        warnings.warn(f"skipping {len(others)} file(s) under {folder} that are not images by their suffix "
+                      f"(e.g. {others[0].relative_to(folder)})")
     return class_names, files
 
 
@@ -95,20 +108,14 @@ def _cache_key(folder: Path, files: list[tuple[Path, int]]) -> str:
     digest = hashlib.sha256(f"v{CACHE_FORMAT}:{IMAGE_SIZE}".encode())
     for path, label in files:
         stat = path.stat()
-        digest.update(f"{path.relative_to(folder)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        # fsencode: a file name need not be UTF-8 (a Latin-1 name is bytes Python holds as surrogates)
+        digest.update(os.fsencode(path.relative_to(folder)) + f"|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 
 def decode_image(path: Path, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """One image file -> uint8 [3,size,size] RGB. Pillow's decompression-bomb limit stays on."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return array.view(size, size, 3).permute(2, 0, 1)
+    """One image file -> uint8 [3,size,size] RGB, decoded as predict decodes it (`cifarx.images.decode_image`)."""
+    return torch.from_numpy(imagemod.decode_image(path, size))
 
 
 def _load_image_folder(folder: Path, cache_dir: Path) -> ImageSet:
@@ -116,10 +123,12 @@ def _load_image_folder(folder: Path, cache_dir: Path) -> ImageSet:
     cache_path = cache_dir / f"images-{_cache_key(folder, files)}.pt"
     if cache_path.exists():
         try:
+            check_zip_checksums(cache_path)  # a flipped bit would otherwise load as a changed pixel, silently
             cached = torch.load(cache_path, weights_only=True)
             return ImageSet(cached["images"], cached["labels"], list(cached["class_names"]))
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            warnings.warn(f"ignoring unreadable image cache {cache_path}")
+        except Exception as error:  # a damaged cache is rebuilt, never trusted
+            reason = str(error) if isinstance(error, CifarxError) else type(error).__name__
+            warnings.warn(f"ignoring unreadable image cache {cache_path} ({reason}); decoding the images again")
     images = torch.empty(len(files), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     labels = torch.empty(len(files), dtype=torch.int64)
     kept = 0

@@ -7,23 +7,23 @@ from pathlib import Path
 import numpy as np
 
 from cifarx.errors import CifarxError
+from cifarx.images import decode_image
 from cifarx.onnxfile import create_session, model_info
 
 
 def load_images(paths: list[str | Path], size: int = 32) -> np.ndarray:
-    """Image files -> float32 [N,3,size,size] RGB in [0,1] (resized with bilinear filtering if needed)."""
+    """Image files -> float32 [N,3,size,size] RGB in [0,1], decoded as training decodes them (`cifarx.images`)."""
     from PIL import Image, UnidentifiedImageError
 
     batch = np.empty((len(paths), 3, size, size), dtype=np.float32)
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            pixels = decode_image(path, size)
         except FileNotFoundError:
             raise CifarxError(f"image not found: {path}") from None
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
             raise CifarxError(f"cannot read image {path}: {type(error).__name__}") from None
-        batch[i] = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        batch[i] = pixels.astype(np.float32) / 255.0
     return batch
 
 
