@@ -8,6 +8,7 @@ inputs are both raw bytes and real files with bytes changed or cut off, which re
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -173,3 +174,93 @@ def test_valid_images_preprocess_alike_for_training_and_predict_and_give_probabi
             assert decoded.shape == (3, 32, 32) and decoded.dtype == torch.uint8
             assert np.array_equal(np.rint(row * 255).astype(np.uint8), decoded.numpy())
         assert_probabilities(predict(trained_run["onnx"], paths, top_k=4), 4)
+
+
+# ---------------------------------------------------------------------------------------------- option values
+
+
+NUMERIC_SETTINGS = ["lr", "momentum", "weight_decay", "norm_lr_scale", "norm_weight_decay", "backbone_lr_scale",
+                    "warmup_epochs", "initial_lr_fraction", "gamma", "final_lr_fraction", "label_smoothing", "ema_decay",
+                    "lookahead_decay", "lookahead_power", "rotate_degrees", "labelled_fraction", "dist_timeout",
+                    "crop_padding", "cutout_size", "epochs", "batch_size", "val_size", "ema_every", "lookahead_every"]
+ANY_NUMBER = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6),
+                       st.sampled_from([float("nan"), float("inf"), -float("inf"), -1, 0, 1, 31, 32, 100]))
+
+
+@FAST
+@given(name=st.sampled_from(NUMERIC_SETTINGS), value=ANY_NUMBER,
+       translate_mode=st.sampled_from(["reflect", "constant", "replicate", "bogus"]))
+def test_any_number_as_a_setting_is_refused_in_one_line_or_finite_and_usable(name, value, translate_mode):
+    from cifarx.config import make_train_config
+    from cifarx.data import random_crop_flip_cutout
+
+    try:
+        config = make_train_config(**{name: value, "translate_mode": translate_mode})
+    except CifarxError as error:
+        event("refused")
+        assert "\n" not in str(error)
+        return
+    event("accepted")
+    for item in config.__dataclass_fields__:  # every number the run will use is finite
+        setting = getattr(config, item)
+        if isinstance(setting, float):
+            assert np.isfinite(setting), (item, setting)
+    # the accepted augmentation settings run on a batch of 32x32 images
+    images = random_crop_flip_cutout(torch.rand(2, 3, 32, 32), torch.Generator().manual_seed(0), pad=config.crop_padding,
+                                     cutout=config.cutout_size, translate_mode=config.translate_mode)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+# ---------------------------------------------------------------------------------------------- ONNX metadata
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**7, 10**7) | st.floats() | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                           max_leaves=8)
+METADATA_VALUES = {
+    "class_names": st.one_of(JSON_VALUES.map(lambda v: json.dumps(v)), st.text(max_size=20),
+                             st.lists(st.text(max_size=8), min_size=4, max_size=4).map(lambda v: json.dumps(v))),
+    "input_size": st.one_of(st.text(max_size=8), st.integers(-10, 10**6).map(str), st.just("32")),
+    "val_split": st.one_of(JSON_VALUES.map(lambda v: json.dumps(v)), st.text(max_size=20),
+                           st.fixed_dictionaries({"val_size": JSON_VALUES, "seed": JSON_VALUES}).map(lambda v: json.dumps(v)),
+                           st.fixed_dictionaries({"val_size": st.integers(-5, 200), "seed": st.integers(-5, 5)})
+                           .map(lambda v: json.dumps(v))),
+}
+
+
+@pytest.fixture(scope="module")
+def exported_proto(trained_run):
+    import onnx
+
+    return onnx.load(str(trained_run["onnx"]))
+
+
+@FAST
+@given(data=st.data())
+def test_any_metadata_value_gives_a_clean_error_or_a_valid_answer(trained_run, exported_proto, data):
+    import onnx
+
+    from cifarx.evaluate import load_eval_images
+    from cifarx.onnxfile import create_session, model_info
+
+    key = data.draw(st.sampled_from(sorted(METADATA_VALUES)))
+    value = data.draw(METADATA_VALUES[key])
+    model = onnx.ModelProto()
+    model.CopyFrom(exported_proto)
+    (prop,) = [p for p in model.metadata_props if p.key == key]
+    prop.value = value
+    image = trained_run["data"] / "test" / "cat" / "0000.png"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save(model, str(path))
+        try:
+            results = predict(path, [image], top_k=10)
+            val_set = load_eval_images(str(trained_run["data"]), "val", model_info(create_session(path)))
+        except CifarxError as error:
+            event(f"{key} refused")
+            assert "\n" not in str(error)
+            return
+    event(f"{key} accepted")
+    assert_probabilities(results, 4)
+    assert all(isinstance(name, str) for name, _ in results[0]["top"])
+    assert len(val_set) > 0 and val_set.images.shape[1:] == (3, 32, 32)

