@@ -48,7 +48,7 @@ def build_report(inputs: list[str | Path], site: str | Path, *, evals: list[str 
     _name_uniquely(models)
     for model in models:
         model["evals"] = [r for r in eval_results if Path(r["model"]).name == Path(model["file"]).name]
-    runnable = [m for m in models if "error" not in m]
+    runnable = [m for m in models if "error" not in m and m["browser"]]
 
     for name in ORT_WEB_FILES:
         _copy(ort_dir / name, site / "ort" / name)
@@ -62,11 +62,12 @@ def build_report(inputs: list[str | Path], site: str | Path, *, evals: list[str 
         _write_png(image, site / url)
         sample_entries.append({"image": label, "url": url})
     page_data = {
-        "models": [{"name": m["name"], "url": f"models/{m['name']}.onnx"} for m in runnable if m["browser"]],
+        "models": [{"name": m["name"], "url": f"models/{m['name']}.onnx"} for m in runnable],
         "samples": sample_entries,
     }
     atomic_write_text(site / "index.html", render_page(models, page_data))
-    return {"site": str(site), "index": str(site / "index.html"), "models": len(models), "exports": len(runnable),
+    exports = sum("error" not in m for m in models)
+    return {"site": str(site), "index": str(site / "index.html"), "models": len(models), "exports": exports,
             "samples": len(sample_entries)}
 
 
@@ -365,7 +366,8 @@ def _model_section(m: dict) -> str:
     scored = [r for r in m["evals"] if isinstance(r.get("per_class"), dict) and isinstance(r.get("confusion_matrix"), list)]
     for result in scored[:1]:
         where = f'{result.get("split", "?")} split, {result.get("images", "?")} images'
-        parts.append(f'<h3>Accuracy {result["accuracy"]:.2%} ({html.escape(where)})</h3><div class="plots">')
+        accuracy = f'{result["accuracy"]:.2%} ' if _finite(result.get("accuracy")) else ""
+        parts.append(f'<h3>Accuracy {accuracy}({html.escape(where)})</h3><div class="plots">')
         parts.append(per_class_svg(result["per_class"]))
         parts.append(confusion_svg(result["confusion_matrix"], result.get("class_names") or m["class_names"]))
         parts.append("</div>")
