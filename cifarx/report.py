@@ -29,6 +29,7 @@ DEFAULT_ORT_WEB = WEB / "node_modules" / "onnxruntime-web" / "dist"
 ORT_WEB_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 ASSETS = ("report.js", "report.css")
 LATENCY_BATCHES = ("1", "256")  # the table's latency columns: one image, and a throughput batch
+GENERATOR = '<meta name="generator" content="cifarx report">'  # in index.html: marks a folder a rebuild may overwrite
 
 
 def build_report(inputs: list[str | Path], site: str | Path, *, evals: list[str | Path] = (),
@@ -146,9 +147,16 @@ def check_site(site: Path) -> None:
 
     if site.exists() and not site.is_dir():
         raise CifarxError(f"-o {site} is a file; give a folder for the site")
-    if site.is_dir() and any(site.iterdir()) and not (site / "index.html").is_file():
-        raise CifarxError(f"-o {site} is a folder with other files in it; give a new or empty folder")
+    if site.is_dir() and any(site.iterdir()) and not _is_report(site / "index.html"):
+        raise CifarxError(f"-o {site} is a folder with other files in it (not an earlier report); give a new or empty folder")
     check_writable(site / "index.html")
+
+
+def _is_report(index: Path) -> bool:
+    try:
+        return GENERATOR in index.read_text(errors="replace")[:1000]
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- models

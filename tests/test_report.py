@@ -5,23 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from cifarx.cli import cli
 from cifarx.report import DEFAULT_ORT_WEB, ORT_WEB_FILES
 from tests.conftest import make_image_folder
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+from tests.test_cli import assert_user_error, run
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +84,7 @@ def test_report_bad_input_is_one_line(exports, tmp_path, ort_web):
                       "onnxruntime-web files not found", "--ort-web")
     other = tmp_path / "other"
     other.mkdir()
-    (other / "thesis.tex").write_text("keep me")
+    (other / "index.html").write_text("<h1>someone's page</h1>")
     assert_user_error(run("report", exports, "-o", other, "--ort-web", ort_web), "other files in it")
     assert not (tmp_path / "site").exists()  # checked before anything was written
 
