@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import cifarx
 from cifarx import data as datamod
+from cifarx.batches import validation_split
 from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_path
@@ -42,9 +43,9 @@ def parity_images(payload: dict, data: str | None, data_root: str | None, count:
     except CifarxError as error:
         raise CifarxError(f"parity check needs real images: {error} (pass --data DIR)") from None
     val_size = config.get("val_size") or 0
-    if val_size and val_size < len(full):
-        _, index = datamod.stratified_split(full.labels, val_size, config.get("seed", 0))
-    else:
+    if 0 < val_size < len(full):
+        _, index = validation_split(full.labels, val_size, config.get("seed", 0), source)
+    else:  # no held-out images in this data (trained on all of it, or other --data): any of its images show parity
         index = torch.arange(len(full))
     return datamod.to_float(full.images[index[:count]])
 

@@ -51,15 +51,11 @@ class ImageBatches(CalibrationDataReader):
 
 def calibration_images(data: str, info: dict, count: int, data_root: str | None = None, seed: int = 0) -> np.ndarray:
     """`count` training images, stratified by class, outside the validation split recorded in the model."""
-    import torch
+    from cifarx.batches import validation_split
 
     full = datamod.load_split(data, "train", data_root)
     recorded = json.loads(info["metadata"].get("val_split", "null") or "null") or {}
-    val_size = recorded.get("val_size") or 0
-    if 0 < val_size < len(full):
-        kept, _ = datamod.stratified_split(full.labels, val_size, recorded.get("seed") or 0)
-    else:
-        kept = torch.arange(len(full))
+    kept, _ = validation_split(full.labels, recorded.get("val_size") or 0, recorded.get("seed") or 0, data)
     if count < len(kept):
         _, chosen = datamod.stratified_split(full.labels[kept], count, seed)
         kept = kept[chosen]

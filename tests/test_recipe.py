@@ -8,7 +8,7 @@ from cifarx.config import TrainConfig
 from cifarx.models.common import TestTimeAugmentation
 from cifarx.objectives import make_objective
 from cifarx.registry import create_model
-from cifarx.train import build_optimizer, parameter_groups
+from cifarx.optimiser import build_optimizer, parameter_groups
 
 
 def test_whitening_init_whitens_patches():
@@ -100,7 +100,7 @@ def test_export_folds_tta_into_the_graph(trained_run, tmp_path):
 
 
 def test_lookahead_pulls_weights_to_their_average_and_copies_it_back():
-    from cifarx.train import Lookahead
+    from cifarx.optimiser import Lookahead
 
     model = torch.nn.Linear(3, 2)
     lookahead = Lookahead(model)
@@ -122,7 +122,8 @@ def test_lookahead_run_resumes_exactly(image_folder, tmp_path):
     from cifarx.checkpoint import read_checkpoint
     from cifarx.config import make_train_config
     from cifarx.errors import TrainingInterrupted
-    from cifarx.train import SilentReporter, train
+    from cifarx.runfolder import SilentReporter
+    from cifarx.train import train
 
     class InterruptAt(SilentReporter):
         def __init__(self):

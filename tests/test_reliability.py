@@ -29,7 +29,8 @@ from cifarx.checkpoint import read_checkpoint
 from cifarx.cli import cli
 from cifarx.config import make_train_config
 from cifarx.errors import CifarxError, TrainingInterrupted
-from cifarx.train import SilentReporter, train
+from cifarx.runfolder import SilentReporter
+from cifarx.train import train
 from tests.conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,7 +247,7 @@ BAD_INPUT = {
     "train: unknown setting": ([*TRAIN, "--set", "epoch=3", "--out", "{tmp}/r"], ["unknown setting"]),
     "train: negative threads": ([*TRAIN, "--threads", "-2", "--out", "{tmp}/r"], ["--threads must be >= 0"]),
     "train: negative train size": ([*TRAIN, "--train-size", "-3", "--out", "{tmp}/r"], ["--train-size"]),
-    "train: validation split too big": ([*TRAIN, "--val-size", "5000", "--out", "{tmp}/r"], ["--val-size"]),
+    "train: validation split too big": ([*TRAIN, "--val-size", "5000", "--out", "{tmp}/r"], ["too few for a validation split of 5000"]),
     "train: unknown device": ([*TRAIN, "--device", "tpu", "--out", "{tmp}/r"], ["unknown device"]),
     "train: bad model argument": ([*TRAIN, "--model-arg", "wings=2", "--out", "{tmp}/r"], ["bad arguments for model"]),
     "train: data folder without images": ([*TRAIN, "--data", "{tmp}/no_images", "--out", "{tmp}/r"], ["no images"]),

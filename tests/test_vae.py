@@ -15,7 +15,8 @@ from cifarx.config import make_train_config
 from cifarx.errors import CifarxError
 from cifarx.objectives import make_objective
 from cifarx.registry import create_model
-from cifarx.train import split_train_val, train
+from cifarx.batches import split_train_val
+from cifarx.train import train
 
 
 def synthetic_set(per_class=(30, 20, 40), seed=0) -> datamod.ImageSet:
