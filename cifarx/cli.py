@@ -391,7 +391,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
     report = quantize_onnx(model_file, output, data=data, calibration_count=calibration_images,
                            calibration_method=calibration_method, activation_type=activation_type,
                            per_channel=per_channel, reduce_range=reduce_range, keep_ends_fp32=keep_ends_fp32,
-                           data_root=data_root)
+                           data_root=data_root, compare_split=split if compare else None)
     console.print(f"wrote {report['output']} ({report['bytes'] / 1e6:.2f} MB, from {report['source_bytes'] / 1e6:.2f} MB); "
                   f"calibrated on {report['calibration_images']} images ({calibration_method})", highlight=False)
     result = {"quantization": report}
@@ -429,7 +429,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def predict(model_file, images, top_k, provider, as_json):
-    """Top-k classes of image files (no torch needed: onnxruntime, numpy, Pillow)."""
+    """Top-k classes of image files, or of every image in a folder (no torch needed: onnxruntime, numpy, Pillow)."""
     _quiet_onnxruntime()
     from cifarx.predict import predict as run_predict
 
@@ -459,10 +459,13 @@ def models(pattern, timm_pattern):
         for name in names:
             console.print(f"timm/{name}", highlight=False)
         return
-    from cifarx.config import list_presets
-    from cifarx.registry import list_models
+    import fnmatch
 
-    console.print("[bold]models[/]: " + ", ".join(list_models(pattern)), highlight=False)
+    from cifarx.config import list_presets
+    from cifarx.registry import builtin_model_names
+
+    names = [name for name in builtin_model_names() if fnmatch.fnmatch(name, pattern)]  # without importing torch
+    console.print("[bold]models[/]: " + ", ".join(names), highlight=False)
     console.print("[bold]presets[/]: " + ", ".join(list_presets()), highlight=False)
 
 

@@ -28,14 +28,16 @@ def load_eval_images(data: str, split: str, info: dict, data_root: str | None = 
     from cifarx.batches import validation_split
 
     recorded = _json_meta(info, "val_split") or {}
-    val_size = val_size if val_size is not None else recorded.get("val_size")
-    if val_size is None:
+    if val_size is None and recorded.get("val_size") is None:
         raise CifarxError("the model records no validation split (not a cifarx export?); give --val-size and --seed, "
                           "or use --split test")
-    if val_size == 0:
-        # Its validation split would be images it trained on: a score on them says nothing about new images.
-        raise CifarxError("no validation split to score: the model was trained on every training image (val_size 0); "
-                          "use --split test (DATA/test/<class>/...)")
+    if val_size is None and recorded["val_size"] == 0:
+        # Its "validation" images would be images it trained on: a score on them says nothing about new images.
+        raise CifarxError("the model has no validation split: it was trained on every training image (val_size 0); "
+                          "score it with --split test (DATA/test/<class>/...)")
+    val_size = val_size if val_size is not None else recorded["val_size"]
+    if val_size <= 0:
+        raise CifarxError(f"--split val needs --val-size of at least 1, got {val_size}; or use --split test")
     seed = seed if seed is not None else recorded.get("seed") or 0
     full = datamod.load_split(data, "train", data_root)
     _, index = validation_split(full.labels, val_size, seed, data)

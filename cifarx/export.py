@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import cifarx
 from cifarx import data as datamod
+from cifarx import runfolder
 from cifarx.batches import validation_split
 from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
 from cifarx.errors import CifarxError
@@ -100,12 +101,24 @@ def build_metadata(payload: dict, checkpoint: Path, opset: int, tta: str, prepro
     return metadata
 
 
+def _warn_if_unfinished(checkpoint: Path, payload: dict) -> None:
+    """Say so when the checkpoint belongs to a run that has not finished (still training, or stopped)."""
+    if not (checkpoint.parent / "last.pt").is_file():
+        return  # a checkpoint outside a run folder: nothing to compare with
+    record = runfolder.run_record(checkpoint.parent)
+    if not record["finished"]:
+        epoch = (payload.get("metrics") or {}).get("epoch", "?")
+        warnings.warn(f"{checkpoint.parent} is an unfinished run ({record['epochs_run']} of {record['epochs']} epochs "
+                      f"trained): exporting {checkpoint.name} from epoch {epoch}")
+
+
 def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFAULT_OPSET, tta: str = "none",
                 fp16: bool = False, data: str | None = None, data_root: str | None = None,
                 parity_count: int = 256, tolerance: float | None = None) -> dict:
     """Export a checkpoint (or run folder) to `output`; returns the parity report. Nothing is left on failure."""
     checkpoint = resolve_checkpoint(checkpoint)
     model, payload = load_model(checkpoint)
+    _warn_if_unfinished(checkpoint, payload)
     preprocessing = preprocessing_of(model)
     if tta != "none":
         model = TestTimeAugmentation(model, tta).eval()

@@ -55,7 +55,9 @@ def calibration_images(data: str, info: dict, count: int, data_root: str | None 
 
     full = datamod.load_split(data, "train", data_root)
     recorded = json.loads(info["metadata"].get("val_split", "null") or "null") or {}
-    kept, _ = validation_split(full.labels, recorded.get("val_size") or 0, recorded.get("seed") or 0, data)
+    val_size = recorded.get("val_size") or 0
+    # Other data than the model's (smaller than its validation split) has no held-out images to avoid.
+    kept, _ = validation_split(full.labels, val_size if val_size < len(full) else 0, recorded.get("seed") or 0, data)
     if count < len(kept):
         _, chosen = datamod.stratified_split(full.labels[kept], count, seed)
         kept = kept[chosen]
@@ -81,8 +83,11 @@ def end_layers(model: onnx.ModelProto) -> list[str]:
 def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, calibration_count: int = 512,
                   calibration_method: str = "minmax", activation_type: str = "uint8", per_channel: bool = True,
                   reduce_range: bool = False, keep_ends_fp32: bool = True, batch_size: int = 64,
-                  data_root: str | None = None, seed: int = 0) -> dict:
-    """Write the int8 QDQ version of a float32 cifarx export to `output` (atomically, metadata carried over)."""
+                  data_root: str | None = None, seed: int = 0, compare_split: str | None = None) -> dict:
+    """Write the int8 QDQ version of a float32 cifarx export to `output` (atomically, metadata carried over).
+
+    `compare_split`: the split `compare_int8` will score afterwards, loaded here first, so a missing test/ folder
+    or a data folder too small for the model's validation split is refused before the int8 file is written."""
     model_path, output = Path(model_path), Path(output)
     if output.suffix != ".onnx":
         raise CifarxError(f"output file should end in .onnx: {output}")
@@ -96,6 +101,8 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
     if info["input_dtype"] != "float32":
         raise CifarxError(f"{model_path} is a float16 export; quantise the float32 one")
     images = calibration_images(data, info, calibration_count, data_root, seed)
+    if compare_split is not None:
+        load_eval_images(data, compare_split, info, data_root)
     settings = {"format": "QDQ", "weights": "int8", "activations": activation_type, "per_channel": per_channel,
                 "reduce_range": reduce_range, "keep_ends_fp32": keep_ends_fp32, "op_types": list(WEIGHTED_OPS),
                 "calibration_method": calibration_method,
