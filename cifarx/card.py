@@ -108,7 +108,7 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
     config = payload["config"]
     is_run = (run_dir / "last.pt").is_file() or (run_dir / "summary.json").is_file()
     summary = run_record(run_dir) if is_run else {}
-    runs = list(val_runs) or ([run_dir] if summary.get("val_images") else [])
+    runs = list(val_runs) or ([run_dir] if summary.get("best_val_accuracy") is not None else [])
     validation = validation_figures(runs) if runs else None
     onnx_path = Path(onnx_path)
     card = {

@@ -80,19 +80,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                           f"with {payload['class_names']}")
 
     # ------------------------------------------------------------------ model, objective, optimiser
-    torch.manual_seed(config.seed)
-    # A model may resolve its arguments (transfer backbones: downloaded weights -> a plain label), so the
-    # checkpoint stores `rebuild_kwargs`, and resuming rebuilds from them without downloading anything.
-    model_kwargs = payload["model"]["kwargs"] if payload is not None else config.model_kwargs
-    model = create_model(config.model, num_classes=len(class_names), **model_kwargs)
-    model_kwargs = getattr(model, "rebuild_kwargs", model_kwargs)
-    if payload is None and config.whiten_init and hasattr(model, "init_whitening"):
-        model.init_whitening(datamod.to_float(train_set.images[:5000]))
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if config.sync_bn:  # under torchrun; checkpoints keep plain BatchNorm keys
-        model = ranks.sync_batchnorm(model)
+    model, model_kwargs = _build_model(config, payload, train_set, device, ranks)
     objective = make_objective(config.objective, label_smoothing=config.label_smoothing, **config.objective_kwargs)
     optimizer = build_optimizer(model, config)
     steps_per_epoch = len(train_set) // config.batch_size
@@ -104,18 +92,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
 
         ema = ModelEmaV3(model, decay=config.ema_decay)
     lookahead = Lookahead(model) if config.lookahead_every else None
-    state = RunState()
-    if payload is not None:
-        saved = payload["train_state"]
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if ema is not None:
-            ema.module.load_state_dict(saved["ema"])
-        if lookahead is not None:
-            lookahead.average = saved["lookahead"]
-        state = RunState(**saved["run"])
-        state.partial = {**RunState().partial, **state.partial}  # counters added since the checkpoint was written
+    state = RunState() if payload is None else _restore(payload["train_state"], model, optimizer, scheduler, ema, lookahead)
     state.train_images, state.val_images = len(train_set), len(val_set)
     step_model, objective = ranks.data_parallel(model, objective)  # one process: both as they are
     step_model = torch.compile(step_model) if config.compile else step_model
@@ -225,6 +202,39 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
             if stop_early:
                 reporter.message(f"early stop: no better validation accuracy for {config.patience} epochs")
         return ranks.run_on_main(summarize, run_dir, config, state, val_set, device)
+
+
+def _build_model(config: TrainConfig, payload: dict | None, train_set: datamod.ImageSet, device: torch.device,
+                 ranks: distributed.Ranks) -> tuple[nn.Module, dict]:
+    """(the model on its device, the builder arguments its checkpoints record), seeded by the config."""
+    torch.manual_seed(config.seed)
+    # A model may resolve its arguments (transfer backbones: downloaded weights -> a plain label), so the
+    # checkpoint stores `rebuild_kwargs`, and resuming rebuilds from them without downloading anything.
+    model_kwargs = payload["model"]["kwargs"] if payload is not None else config.model_kwargs
+    model = create_model(config.model, num_classes=len(train_set.class_names), **model_kwargs)
+    model_kwargs = getattr(model, "rebuild_kwargs", model_kwargs)
+    if payload is None and config.whiten_init and hasattr(model, "init_whitening"):
+        model.init_whitening(datamod.to_float(train_set.images[:5000]))
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if config.sync_bn:  # under torchrun; checkpoints keep plain BatchNorm keys
+        model = ranks.sync_batchnorm(model)
+    return model, model_kwargs
+
+
+def _restore(saved: dict, model: nn.Module, optimizer, scheduler, ema, lookahead) -> RunState:
+    """Load last.pt's tensors into the run's objects; returns its run state."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if ema is not None:
+        ema.module.load_state_dict(saved["ema"])
+    if lookahead is not None:
+        lookahead.average = saved["lookahead"]
+    state = RunState(**saved["run"])
+    state.partial = {**RunState().partial, **state.partial}  # counters added since the checkpoint was written
+    return state
 
 
 def _resumable(resume: str | Path, options: dict) -> tuple[TrainConfig, dict]:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,7 @@ def test_predict_never_imports_torch(trained_run):
     assert "cat" in completed.stdout or "%" in completed.stdout
 
 
+@pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="a GPU is present: the CUDA provider can be created here")
 def test_cuda_provider_that_cannot_be_created_is_an_error_not_a_fallback(trained_run, tmp_path):
     result = run("eval", trained_run["onnx"], "--provider", "cuda", "--json", tmp_path / "cuda.json")
     assert_one_line_error(result, "cuda provider")

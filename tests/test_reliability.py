@@ -246,7 +246,7 @@ BAD_INPUT = {
     "train: NaN lr": ([*TRAIN, "--lr", "nan", "--out", "{tmp}/r"], ["--lr must be positive"]),
     "train: infinite lr": ([*TRAIN, "--lr", "inf", "--out", "{tmp}/r"], ["--lr must be positive"]),
     "train: non-number epochs": ([*TRAIN, "--epochs", "ten", "--out", "{tmp}/r"], ["--epochs"]),
-    "train: wrong type through --set": ([*TRAIN, "--set", "epochs=ten", "--out", "{tmp}/r"], ["epochs must be int"]),
+    "train: wrong type through --set": ([*TRAIN, "--set", "patience=ten", "--out", "{tmp}/r"], ["patience must be int"]),
     "train: unknown setting": ([*TRAIN, "--set", "epoch=3", "--out", "{tmp}/r"], ["unknown setting"]),
     "train: negative threads": ([*TRAIN, "--threads", "-2", "--out", "{tmp}/r"], ["--threads must be >= 0"]),
     "train: negative train size": ([*TRAIN, "--train-size", "-3", "--out", "{tmp}/r"], ["--train-size"]),
