@@ -18,7 +18,7 @@ import torch
 from cifarx.checkpoint import load_model
 from cifarx.config import TrainConfig
 from cifarx.data import to_float
-from cifarx.train import split_train_val
+from cifarx.batches import split_train_val
 
 
 def confidence_report(run: str, threshold: float, raw_weights: bool = False) -> dict:

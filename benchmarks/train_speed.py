@@ -18,9 +18,11 @@ import time
 import torch
 
 from cifarx import data as datamod
+from cifarx.batches import split_train_val, training_batches
 from cifarx.config import make_train_config
+from cifarx.optimiser import build_optimizer
+from cifarx.process import keep_freed_memory
 from cifarx.registry import create_model
-from cifarx.train import build_optimizer, keep_freed_memory, training_batches
 
 
 def timed_steps(model, optimizer, batches, steps, device, channels_last, label_smoothing):
@@ -79,15 +81,13 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision baseline")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (measures what cifarx.train.keep_freed_memory saves)")
+                        help="leave glibc's malloc as it is (measures what cifarx.process.keep_freed_memory saves)")
     args = parser.parse_args()
 
     config = make_train_config(args.preset, data=args.data, device=args.device, val_size=5000)
     kept = False if args.default_malloc else keep_freed_memory()  # as `cifarx train` does; DataLoader workers inherit it
     device = torch.device(args.device)
-    full = datamod.load_split(args.data, "train")
-    train_index, _ = datamod.stratified_split(full.labels, config.val_size, config.seed)
-    train_set = full.subset(train_index)
+    train_set, _ = split_train_val(config)
     model = create_model(config.model, **config.model_kwargs).to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -1,7 +1,7 @@
 """EfficientNet-Lite0 (ImageNet weights) on CIFAR-10: frozen features + linear head vs fine-tuning (issue 5).
 
 Two modes, each at a few input sizes (the 32x32 images are upsampled inside the model):
-- linear: backbone frozen, its features computed once and cached (cifarx.transfer.fit_linear_head), then the
+- linear: backbone frozen, its features computed once and cached (cifarx.linear_probe.fit_linear_head), then the
   new head fitted; the wall time includes the feature extraction (cache misses only: delete the feature cache,
   $CIFARX_CACHE/features or ~/.cache/cifarx/features, for a cold measurement).
 - finetune: the whole network (or its last N stages, --finetune-freeze N) trained through the one training loop,

@@ -9,13 +9,13 @@ from pathlib import Path
 from cifarx.checkpoint import file_sha256, read_checkpoint, resolve_checkpoint
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_write_json, atomic_write_text, check_writable
+from cifarx.runfolder import run_record
 
 
 def _run_summary(run: str | Path) -> dict:
-    path = Path(run) / "summary.json"
-    if not path.is_file():
-        raise CifarxError(f"no summary.json in run folder {run} (is the run finished?)")
-    return json.loads(path.read_text())
+    if not Path(run).is_dir():
+        raise CifarxError(f"run folder not found: {run}")
+    return run_record(Path(run))
 
 
 def _tta_accuracy(summary: dict) -> float | None:
@@ -36,10 +36,36 @@ def validation_figures(runs: list[str | Path]) -> dict:
             "n": len(values), "measure": key, "runs": rows}
 
 
+DATA_OPTIONS = ("--data", "--data-root")  # where this machine keeps images: a placeholder on a card
+RUN_OPTIONS = ("--out", "--resume", "--val-run", "--compare-torch")  # run folders: runs/NAME, as `cifarx train` makes
+
+
+def portable_command(command: str, cwd: Path | None = None) -> str:
+    """A recorded command line that anyone can run: image folders become DIR, paths inside the current folder
+    become relative, other absolute paths keep their name (run folders under runs/)."""
+    import shlex
+
+    cwd = (cwd or Path.cwd()).resolve()
+    words = shlex.split(command)
+    for i in range(1, len(words)):
+        option, value = words[i - 1], words[i]
+        if option in DATA_OPTIONS:
+            words[i] = value if value == "cifar10" else "DIR"
+        elif Path(value).is_absolute() and not value.startswith("-"):
+            path = Path(value)
+            if path.is_relative_to(cwd):
+                words[i] = str(path.relative_to(cwd))
+            elif option in RUN_OPTIONS or (words[1] == "export" and i == 2):
+                words[i] = f"runs/{path.name}"
+            else:
+                words[i] = path.name
+    return shlex.join(words)
+
+
 def train_command(config: dict) -> str:
     """The command line recorded by `cifarx train`; for runs started otherwise, one rebuilt from the settings."""
     if config.get("command"):
-        return config["command"]
+        return portable_command(config["command"])
     import shlex
 
     from cifarx.config import TrainConfig
@@ -47,9 +73,11 @@ def train_command(config: dict) -> str:
     defaults = TrainConfig().to_dict()
     words = ["cifarx", "train"] + (["--preset", config["preset"]] if config.get("preset") else [])
     for key, value in config.items():
-        if key not in ("preset", "command") and key in defaults and value != defaults[key]:
+        if key in ("data", "data_root", "out") and value is not None:
+            words += [f"--{key.replace('_', '-')}", value]  # named, so portable_command can rewrite the path
+        elif key not in ("preset", "command") and key in defaults and value != defaults[key]:
             words += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
-    return shlex.join(words)
+    return portable_command(shlex.join(words))
 
 
 def family_fields(model_kwargs: dict, config: dict) -> dict:
@@ -87,8 +115,9 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
     payload = read_checkpoint(checkpoint)
     run_dir = checkpoint.parent
     config = payload["config"]
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    runs = list(val_runs) or ([run_dir] if summary.get("val_images") else [])
+    is_run = (run_dir / "last.pt").is_file() or (run_dir / "summary.json").is_file()
+    summary = run_record(run_dir) if is_run else {}
+    runs = list(val_runs) or ([run_dir] if summary.get("best_val_accuracy") is not None else [])
     validation = validation_figures(runs) if runs else None
     onnx_path = Path(onnx_path)
     card = {
@@ -104,11 +133,13 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
         "train_images": summary.get("train_images"),
         "train_seconds": summary.get("train_seconds"),
         "epochs": summary.get("epochs_run", config.get("epochs")),
+        "finished": summary.get("finished"),  # False: exported while training (or after it stopped)
+        "epochs_planned": config.get("epochs"),
         "preset": config.get("preset"),
         "seed": config.get("seed"),
         "command": train_command(config),
         "note": note,
-        "export_command": export_command,
+        "export_command": portable_command(export_command),
         "tta_in_graph": export_report.get("tta", "none"),
         "parity": {k: export_report[k] for k in ("images", "top1_agreement", "max_abs_logit_delta")},
         "opset": export_report["opset"],
@@ -128,6 +159,7 @@ def _markdown(card: dict) -> str:
         accuracy = f"{validation['mean']:.2%}{spread} ({validation['measure'].replace('_', ' ')}, validation split)"
     else:
         accuracy = "not measured (trained without a validation split)"
+    unfinished = f" of {card.get('epochs_planned')} (unfinished run)" if card.get("finished") is False else ""
     lines = [
         f"# {card['file']}",
         "",
@@ -136,7 +168,8 @@ def _markdown(card: dict) -> str:
         "| | |",
         "|---|---|",
         f"| validation accuracy | {accuracy} |",
-        f"| trained on | {card['train_images']} images, {card['epochs']} epochs, {card['train_seconds']} s wall time |",
+        f"| trained on | {card['train_images']} images, {card['epochs']} epochs{unfinished}, {card['train_seconds']} s "
+        "wall time |",
         f"| preset / seed | {card['preset']} / {card['seed']} |",
         f"| input | {card['input']} |",
         f"| outputs | logits, probabilities |",

@@ -10,6 +10,7 @@ import json
 import shlex
 import sys
 import warnings
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -60,7 +61,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 @click.version_option(package_name="cifarx")
 def cli():
     """Train CIFAR-10-class models, export self-describing ONNX files, measure them on ONNX Runtime."""
+    from cifarx.process import configure_process
+
     warnings.showwarning = _show_warning
+    configure_process()
+
+
+def _quiet_onnxruntime() -> None:
+    from cifarx.process import quiet_onnxruntime
+
+    quiet_onnxruntime()
 
 
 def _parse_int_list(ctx, param, value):
@@ -183,42 +193,43 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
           label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
           seed, patience, device, threads, compile_, channels_last, model_args, settings, out, resume,
           img_size, freeze, pretrained, weights, backbone_lr_scale, cached_features, nproc, sync_bn):
-    """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png."""
-    from cifarx.config import make_train_config
+    """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png.
+
+    Precedence: the preset < --set KEY=VALUE < the named options. --resume continues a run with its own settings;
+    only --epochs (more of them) and the machine's (--device, --threads, --patience) may change."""
+    from cifarx.config import make_train_config, recipe_preset
     from cifarx.distributed import check_batch_split, is_main_process, launch_training
+    from cifarx.process import keep_freed_memory
+    from cifarx.runfolder import unused_run_folder
     from cifarx.train import train as run_training
 
     console.quiet = not is_main_process()  # under torchrun, rank 0 alone prints progress and the summary
-    if resume and nproc:
-        launch_training(nproc, click.get_current_context().obj["command"], resume)
-        return
+    keep_freed_memory()  # process-wide, before the first training step; DataLoader workers inherit it
+    options = dict(
+        model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+        ema_decay=ema_decay, tta=tta, val_size=val_size, train_size=train_size, seed=seed, patience=patience,
+        device=device, threads=threads, compile=compile_, channels_last=channels_last, out=out,
+        augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
+        labelled=labelled, labelled_per_class=labelled_per_class, unlabelled=unlabelled,
+        backbone_lr_scale=backbone_lr_scale, cached_features=cached_features, sync_bn=sync_bn,
+    )
+    transfer_args = {k: v for k, v in dict(img_size=img_size, freeze=freeze, pretrained=pretrained,
+                                           weights=weights).items() if v is not None}
     if resume:
-        summary = run_training(resume=resume, reporter=RichReporter())
+        given = {**settings, **options, "preset": preset, "method": method,
+                 "model_kwargs": {**model_args, **transfer_args} or None}
+        if nproc:
+            launch_training(nproc, click.get_current_context().obj["command"], resume)
+            return
+        summary = run_training(resume=resume, reporter=RichReporter(), resume_options=given)
     else:
-        overrides = dict(
-            model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-            weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-            ema_decay=ema_decay, tta=tta, val_size=val_size, train_size=train_size, seed=seed, patience=patience,
-            device=device, threads=threads, compile=compile_, channels_last=channels_last, out=out,
-            augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
-            labelled=labelled, labelled_per_class=labelled_per_class, unlabelled=unlabelled,
-        )
-        if method and preset:
-            raise CifarxError("give --method or --preset, not both (--method m2 is --preset vae-ssl-m2)")
-        if method or (model == "vae-ssl" and not preset):
-            # The recipe, with the seed's budget (1,500 labelled + 10,000 unlabelled images) unless overridden.
-            preset = f"vae-ssl-{method or 'm2'}"
-        overrides.update(settings)
-        overrides["command"] = click.get_current_context().obj["command"]
-        overrides.update(backbone_lr_scale=backbone_lr_scale, cached_features=cached_features)
-        overrides.update(sync_bn=sync_bn)
-        transfer_args = dict(img_size=img_size, freeze=freeze, pretrained=pretrained, weights=weights)
-        model_args = {**{k: v for k, v in transfer_args.items() if v is not None}, **model_args}
-        if model_args:
-            overrides["model_kwargs"] = model_args
-        config = make_train_config(preset, **overrides)
-        if config.out == "runs/latest" and out is None:
-            config.out = f"runs/{config.model.replace('/', '-')}"
+        config = make_train_config(recipe_preset(preset, method, model), settings=settings,
+                                   model_args={**model_args, **transfer_args},
+                                   command=click.get_current_context().obj["command"], **options)
+        if out is None and "out" not in settings and config.out == "runs/latest":
+            # No folder asked for: runs/<model>, or the next free runs/<model>-N, never one holding a run.
+            config.out = str(unused_run_folder(Path("runs") / config.model.replace("/", "-")))
         if nproc:  # the settings were checked here, once; the ranks run this command without --nproc
             check_batch_split(config.batch_size, nproc)
             launch_training(nproc, click.get_current_context().obj["command"], config.out)
@@ -248,6 +259,7 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
 @click.option("--card-note", help="a remark for the model card (e.g. how the training time was measured)")
 def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images, card, val_runs, card_note):
     """Export a run folder or checkpoint to ONNX, then check parity with PyTorch on real images."""
+    _quiet_onnxruntime()
     from cifarx.export import export_onnx
 
     if card:  # check first, write last: a missing --val-run must not leave the .onnx behind
@@ -295,8 +307,7 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images,
 def eval_(model_file, data, data_root, split, val_size, seed, provider, device_id, cudnn_conv_algo_search, batch_sizes,
           threads, graph_optimization, warmup, repeats, compare_torch, json_path, plots):
     """Accuracy, per-class accuracy and latency of an ONNX file on an ONNX Runtime provider."""
-    from pathlib import Path
-
+    _quiet_onnxruntime()
     from rich.table import Table
     from rich.text import Text
 
@@ -374,6 +385,7 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
 def quantize(model_file, data, data_root, output, calibration_images, calibration_method, activation_type, per_channel,
              reduce_range, keep_ends_fp32, compare, split, batch_sizes, threads, warmup, repeats, json_path):
     """Static int8 quantisation (QDQ) with ONNX Runtime, then int8 and fp32 accuracy and speed side by side."""
+    _quiet_onnxruntime()
     from rich.table import Table
 
     from cifarx.io import atomic_write_json, check_writable
@@ -385,7 +397,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
     report = quantize_onnx(model_file, output, data=data, calibration_count=calibration_images,
                            calibration_method=calibration_method, activation_type=activation_type,
                            per_channel=per_channel, reduce_range=reduce_range, keep_ends_fp32=keep_ends_fp32,
-                           data_root=data_root)
+                           data_root=data_root, compare_split=split if compare else None)
     console.print(f"wrote {escape(report['output'])} ({report['bytes'] / 1e6:.2f} MB, from {report['source_bytes'] / 1e6:.2f} MB); "
                   f"calibrated on {report['calibration_images']} images ({calibration_method})", highlight=False)
     result = {"quantization": report}
@@ -423,7 +435,8 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def predict(model_file, images, top_k, provider, as_json):
-    """Top-k classes of image files (no torch needed: onnxruntime, numpy, Pillow)."""
+    """Top-k classes of image files, or of every image in a folder (no torch needed: onnxruntime, numpy, Pillow)."""
+    _quiet_onnxruntime()
     from cifarx.predict import predict as run_predict
 
     results = run_predict(model_file, list(images), top_k=top_k, provider=provider)
@@ -449,6 +462,7 @@ def predict(model_file, images, top_k, provider, as_json):
               "cifarx/web` install)")
 def report(inputs, output, evals, samples, samples_per_class, ort_web):
     """A static site comparing .onnx files (or folders of them), with a live in-browser demo (onnxruntime-web)."""
+    _quiet_onnxruntime()
     from cifarx.report import build_report
 
     built = build_report(list(inputs), output, evals=list(evals), samples=samples, samples_per_class=samples_per_class,
@@ -475,10 +489,13 @@ def models(pattern, timm_pattern):
         for name in names:
             console.print(f"timm/{name}", highlight=False)
         return
-    from cifarx.config import list_presets
-    from cifarx.registry import list_models
+    import fnmatch
 
-    console.print("[bold]models[/]: " + ", ".join(list_models(pattern)), highlight=False)
+    from cifarx.config import list_presets
+    from cifarx.registry import builtin_model_names
+
+    names = [name for name in builtin_model_names() if fnmatch.fnmatch(name, pattern)]  # without importing torch
+    console.print("[bold]models[/]: " + ", ".join(names), highlight=False)
     console.print("[bold]presets[/]: " + ", ".join(list_presets()), highlight=False)
 
 

@@ -118,10 +118,10 @@ class TrainConfig:
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]
         if unknown:
             raise CifarxError(f"unknown augmentation {unknown}; choose from {', '.join(AUGMENTATIONS)}")
-        from cifarx.registry import list_models
+        from cifarx.registry import list_models, unknown_model_error
 
         if not self.model.startswith("timm/") and self.model not in list_models():
-            raise CifarxError(f"unknown model {self.model!r}; `cifarx models` lists the registered ones")
+            raise unknown_model_error(self.model)
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise CifarxError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
         self._validate_semi_supervised()
@@ -220,10 +220,43 @@ def load_preset(name: str) -> dict[str, Any]:
     return values
 
 
-def make_train_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the preset, then every override that is not None (the command line)."""
+def make_train_config(preset: str | None = None, settings: dict[str, Any] | None = None,
+                      model_args: dict[str, Any] | None = None, **options: Any) -> TrainConfig:
+    """A checked config from, in rising precedence: the defaults, the preset, `settings` (`--set KEY=VALUE`), and
+    the `options` that are not None (named command-line options). `model_args` (`--model-arg`, `--img-size`...)
+    are merged into the model_kwargs so far, not put in their place."""
     values: dict[str, Any] = load_preset(preset) if preset else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(settings or {})
+    values.update({k: v for k, v in options.items() if v is not None})
+    if model_args:
+        values["model_kwargs"] = {**values.get("model_kwargs", {}), **model_args}
     config = TrainConfig.from_dict(values)
     config.validate()
     return config
+
+
+def recipe_preset(preset: str | None, method: str | None, model: str | None) -> str | None:
+    """The preset a command line asks for: `--method X` is the vae-ssl-X recipe, and `--model vae-ssl` alone is
+    vae-ssl-m2 (with the seed's budget of 1,500 labelled + 10,000 unlabelled images unless overridden)."""
+    if method and preset:
+        raise CifarxError(f"give --method or --preset, not both (--method {method} is --preset vae-ssl-{method})")
+    if method or (model == "vae-ssl" and not preset):
+        return f"vae-ssl-{method or 'm2'}"
+    return preset
+
+
+# Settings a resumed run may change: how long it trains (its epochs so far stay as they were) and the machine's.
+RESUMABLE = ("epochs", "patience", "device", "threads", "workers", "eval_batch_size")
+
+
+def resumed_config(saved: dict[str, Any], options: dict[str, Any], epochs_done: int) -> TrainConfig:
+    """A saved run's config with the `options` (not None) that may change on resume; any other is refused."""
+    given = {k: v for k, v in options.items() if v is not None}
+    refused = sorted(set(given) - set(RESUMABLE))
+    if refused:
+        names = ", ".join(f"--{name.replace('_', '-')}" for name in refused)
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in RESUMABLE)
+        raise CifarxError(f"--resume continues a run with its own settings: {names} cannot change (only {allowed} can)")
+    if given.get("epochs") is not None and given["epochs"] < epochs_done:
+        raise CifarxError(f"the run has trained {epochs_done} epochs already; --epochs must be at least that")
+    return TrainConfig.from_dict({**saved, **given})

@@ -25,11 +25,22 @@ def load_eval_images(data: str, split: str, info: dict, data_root: str | None = 
         return datamod.load_split(data, "test", data_root)
     if split != "val":
         raise CifarxError(f"unknown split {split!r}; use test or val")
+    from cifarx.batches import validation_split
+
     recorded = recorded_val_split(info)
-    val_size = val_size if val_size is not None else recorded["val_size"] or 5000
+    if val_size is None and recorded["val_size"] is None:
+        raise CifarxError("the model records no validation split (not a cifarx export?); give --val-size and --seed, "
+                          "or use --split test")
+    if val_size is None and recorded["val_size"] == 0:
+        # Its "validation" images would be images it trained on: a score on them says nothing about new images.
+        raise CifarxError("the model has no validation split: it was trained on every training image (val_size 0); "
+                          "score it with --split test (DATA/test/<class>/...)")
+    val_size = val_size if val_size is not None else recorded["val_size"]
+    if val_size <= 0:
+        raise CifarxError(f"--split val needs --val-size of at least 1, got {val_size}; or use --split test")
     seed = seed if seed is not None else recorded["seed"] or 0
     full = datamod.load_split(data, "train", data_root)
-    _, index = datamod.stratified_split(full.labels, val_size, seed)
+    _, index = validation_split(full.labels, val_size, seed, data)
     return full.subset(index)
 
 
@@ -315,9 +326,7 @@ def compare_with_torch(run: str | Path, info: dict, parity_set: np.ndarray, onnx
 def save_latency_png(result: dict, path: str | Path) -> None:
     """p50 latency and images/s against batch size, per runtime and thread count, written atomically."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is chosen where the process starts (cifarx.process: Agg)
 
     from cifarx.io import atomic_savefig
 
@@ -350,10 +359,7 @@ def save_latency_png(result: dict, path: str | Path) -> None:
 
 def save_confusion_png(result: dict, path: str | Path) -> None:
     """The confusion matrix as a PNG (rows: true class, columns: predicted), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is chosen where the process starts (cifarx.process: Agg)
 
     from cifarx.io import atomic_savefig
 

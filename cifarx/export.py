@@ -11,6 +11,8 @@ import torch.nn as nn
 
 import cifarx
 from cifarx import data as datamod
+from cifarx import runfolder
+from cifarx.batches import validation_split
 from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_path, check_writable
@@ -49,9 +51,9 @@ def parity_images(payload: dict, data: str | None, data_root: str | None, count:
     except CifarxError as error:
         raise CifarxError(f"parity check needs real images: {error} (pass --data DIR)") from None
     val_size = config.get("val_size") or 0
-    if val_size and val_size < len(full):
-        _, index = datamod.stratified_split(full.labels, val_size, config.get("seed", 0))
-    else:
+    if 0 < val_size < len(full):
+        _, index = validation_split(full.labels, val_size, config.get("seed", 0), source)
+    else:  # no held-out images in this data (trained on all of it, or other --data): any of its images show parity
         index = torch.arange(len(full))
     return datamod.to_float(full.images[index[:count]])
 
@@ -113,6 +115,17 @@ def build_metadata(payload: dict, checkpoint: Path, opset: int, tta: str, prepro
     return metadata
 
 
+def _warn_if_unfinished(checkpoint: Path, payload: dict) -> None:
+    """Say so when the checkpoint belongs to a run that has not finished (still training, or stopped)."""
+    if not (checkpoint.parent / "last.pt").is_file():
+        return  # a checkpoint outside a run folder: nothing to compare with
+    record = runfolder.run_record(checkpoint.parent)
+    if not record["finished"]:
+        epoch = (payload.get("metrics") or {}).get("epoch", "?")
+        warnings.warn(f"{checkpoint.parent} is an unfinished run ({record['epochs_run']} of {record['epochs']} epochs "
+                      f"trained): exporting {checkpoint.name} from epoch {epoch}")
+
+
 def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFAULT_OPSET, tta: str = "none",
                 fp16: bool = False, data: str | None = None, data_root: str | None = None,
                 parity_count: int = 256, tolerance: float | None = None) -> dict:
@@ -122,6 +135,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
         raise CifarxError(f"--opset must be in [{lowest}, {highest}] (the exporter writes {lowest} or newer), got {opset}")
     checkpoint = resolve_checkpoint(checkpoint)
     model, payload = load_model(checkpoint)
+    _warn_if_unfinished(checkpoint, payload)
     preprocessing = preprocessing_of(model)
     if tta != "none":
         model = TestTimeAugmentation(model, tta).eval()

@@ -90,7 +90,6 @@ def create_session(path: str | Path, provider: str = "cpu", *, threads: int | No
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 4  # ORT's errors reach us as exceptions (one line each); its log copy stays off stderr
-    ort.set_default_logger_severity(4)  # ORT's own multi-line warnings stay off the terminal; we check what it made
     if cudnn_conv_algo_search is not None and cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCH:
         raise CifarxError(f"unknown cudnn_conv_algo_search {cudnn_conv_algo_search!r}; choose from {', '.join(CUDNN_CONV_ALGO_SEARCH)}")
     cuda_options: dict = {"device_id": device_id}

@@ -27,22 +27,45 @@ def load_images(paths: list[str | Path], size: int = 32) -> np.ndarray:
     return batch
 
 
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """The paths given, each folder replaced by the image files under it (sorted; any format Pillow reads)."""
+    from PIL import Image
+
+    readable = set(Image.registered_extensions())
+    files = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in readable and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not found:
+            raise CifarxError(f"no image files under {path}")
+        files += found
+    return files
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def predict(model_path: str | Path, image_paths: list[str | Path], top_k: int = 3, provider: str = "cpu") -> list[dict]:
-    """Top-k (class name, probability) per image, preprocessing as the model's metadata says."""
+    """Top-k (class name, probability) per image file (folders: every image under them), preprocessing as the
+    model's metadata says."""
     if top_k < 1:
         raise CifarxError(f"--top-k must be at least 1, got {top_k}")
     session = create_session(model_path, provider)
     info = model_info(session)
     size = int(info["metadata"].get("input_size", 32))
+    image_paths = image_files(image_paths)
     images = load_images(image_paths, size)
     if info["input_dtype"] == "float16":
         images = images.astype(np.float16)
-    logits = session.run([info["output_names"][0]], {info["input_name"]: images})[0].astype(np.float64)
+    logits = np.concatenate([  # in batches: a folder may hold thousands of images
+        session.run([info["output_names"][0]], {info["input_name"]: images[start : start + 256]})[0]
+        for start in range(0, len(images), 256)
+    ]).astype(np.float64)
     finite = np.isfinite(logits).all(axis=1)
     if not finite.all():  # damaged weights or float16 overflow: refuse rather than print "nan%"
         raise CifarxError(f"{model_path} gave non-finite outputs for {image_paths[int(np.argmin(finite))]}")

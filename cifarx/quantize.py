@@ -51,15 +51,13 @@ class ImageBatches(CalibrationDataReader):
 
 def calibration_images(data: str, info: dict, count: int, data_root: str | None = None, seed: int = 0) -> np.ndarray:
     """`count` training images, stratified by class, outside the validation split recorded in the model."""
-    import torch
+    from cifarx.batches import validation_split
 
     full = datamod.load_split(data, "train", data_root)
     recorded = recorded_val_split(info)
     val_size = recorded["val_size"] or 0
-    if 0 < val_size < len(full):
-        kept, _ = datamod.stratified_split(full.labels, val_size, recorded["seed"] or 0)
-    else:
-        kept = torch.arange(len(full))
+    # Other data than the model's (smaller than its validation split) has no held-out images to avoid.
+    kept, _ = validation_split(full.labels, val_size if val_size < len(full) else 0, recorded["seed"] or 0, data)
     if count < len(kept):
         _, chosen = datamod.stratified_split(full.labels[kept], count, seed)
         kept = kept[chosen]
@@ -87,8 +85,11 @@ def end_layers(model: onnx.ModelProto) -> list[str]:
 def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, calibration_count: int = 512,
                   calibration_method: str = "minmax", activation_type: str = "uint8", per_channel: bool = True,
                   reduce_range: bool = False, keep_ends_fp32: bool = True, batch_size: int = 64,
-                  data_root: str | None = None, seed: int = 0) -> dict:
-    """Write the int8 QDQ version of a float32 cifarx export to `output` (atomically, metadata carried over)."""
+                  data_root: str | None = None, seed: int = 0, compare_split: str | None = None) -> dict:
+    """Write the int8 QDQ version of a float32 cifarx export to `output` (atomically, metadata carried over).
+
+    `compare_split`: the split `compare_int8` will score afterwards, loaded here first, so a missing test/ folder
+    or a data folder too small for the model's validation split is refused before the int8 file is written."""
     model_path, output = Path(model_path), Path(output)
     if output.suffix != ".onnx":
         raise CifarxError(f"output file should end in .onnx: {output}")
@@ -106,6 +107,8 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
         raise CifarxError(f"{model_path} is already quantised (it has {', '.join(quantized_ops)} nodes); "
                           "quantise its float32 export")
     images = calibration_images(data, info, calibration_count, data_root, seed)
+    if compare_split is not None:
+        load_eval_images(data, compare_split, info, data_root)
     settings = {"format": "QDQ", "weights": "int8", "activations": activation_type, "per_channel": per_channel,
                 "reduce_range": reduce_range, "keep_ends_fp32": keep_ends_fp32, "op_types": list(WEIGHTED_OPS),
                 "calibration_method": calibration_method,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import fnmatch
-from typing import Callable
-
-import torch.nn as nn
+from importlib import resources
+from typing import TYPE_CHECKING, Callable
 
 from cifarx.errors import CifarxError
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+_BUILDERS: dict[str, Callable[..., "nn.Module"]] = {}
 
 
 def register_model(name: str):
@@ -34,6 +37,26 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _BUILDERS if fnmatch.fnmatch(n, pattern))
 
 
+def builtin_model_names() -> list[str]:
+    """The names the built-in families register, read from their source (`@register_model("name")`) instead of
+    importing them: `cifarx models` and unknown-model errors answer without importing torch (seconds)."""
+    names = []
+    for source in (resources.files("cifarx") / "models").iterdir():  # not "cifarx.models": importing it imports torch
+        if not source.name.endswith(".py"):
+            continue
+        for node in ast.walk(ast.parse(source.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register_model" and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                names.append(node.args[0].value)
+    return sorted(names)
+
+
+def unknown_model_error(name: str) -> CifarxError:
+    """One line naming every registered model and the timm/<name> form."""
+    return CifarxError(f"unknown model {name!r}; registered: {', '.join(builtin_model_names())}; or timm/<name> for "
+                       "any timm model (`cifarx models --timm PATTERN` lists them)")
+
+
 def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     """Build a registered model (or `timm/<name>`) taking [B,3,32,32] floats in [0,1] and returning logits."""
     _ensure_builtin_models()
@@ -45,7 +68,7 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
         except TypeError as error:
             raise CifarxError(f"bad arguments for model {name!r}: {error}") from None
     if name not in _BUILDERS:
-        raise CifarxError(f"unknown model {name!r}; `cifarx models` lists the registered ones")
+        raise unknown_model_error(name)
     try:
         return _BUILDERS[name](num_classes=num_classes, **kwargs)
     except TypeError as error:

@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic image folders (never real CIFAR images) and an isolated cache."""
+"""Shared fixtures: small synthetic image folders (never real CIFAR images), an isolated cache, and the CLI helpers
+every test of a user mistake uses."""
 
 from __future__ import annotations
 
@@ -9,6 +10,25 @@ import pytest
 from PIL import Image
 
 CLASSES = ["airplane", "automobile", "bird", "cat"]
+
+
+def run(*args):
+    """`cifarx ARGS` through click's CliRunner (stdout and stderr apart)."""
+    from click.testing import CliRunner
+
+    from cifarx.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit code 2, exactly one `error: ...` line on stderr naming the problem, and no traceback anywhere."""
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 def make_image_folder(root: Path, split: str, classes=CLASSES, per_class: int = 24, seed: int = 0, size: int = 32) -> Path:

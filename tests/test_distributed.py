@@ -25,7 +25,8 @@ from cifarx.checkpoint import read_checkpoint
 from cifarx.cli import cli
 from cifarx.config import make_train_config
 from cifarx.errors import CifarxError
-from cifarx.train import split_train_val, train, training_batches
+from cifarx.batches import split_train_val, training_batches
+from cifarx.train import train
 from tests.conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,3 +12,26 @@ def test_ci_runs_the_readme_install_and_test_commands():
     # the report's browser test needs Chromium and onnxruntime-web: the README's way to get them is CI's
     for command in ("apt-get install -y chromium", "npm ci --prefix cifarx/web"):
         assert command in readme and command in ci, command
+
+
+# Standard-library modules younger than the oldest Python anyone might claim, with the version that added them.
+NEWER_STDLIB = {"tomllib": (3, 11)}
+
+
+def test_the_python_version_readme_and_pyproject_claim_can_import_cifarx():
+    import ast
+    import re
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    major, minor = map(int, re.search(r'requires-python = ">=(\d+)\.(\d+)"', pyproject).groups())
+    imported = set()
+    for path in (ROOT / "cifarx").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    for module, version in NEWER_STDLIB.items():
+        if module in imported:
+            assert (major, minor) >= version, f"cifarx imports {module} (Python {version}), pyproject claims {major}.{minor}"
+    assert f"Python ≥ {major}.{minor}" in (ROOT / "README.md").read_text()

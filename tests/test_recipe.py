@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from cifarx.config import TrainConfig
 from cifarx.models.common import TestTimeAugmentation
 from cifarx.objectives import make_objective
+from cifarx.optimiser import build_optimizer, parameter_groups
 from cifarx.registry import create_model
-from cifarx.train import build_optimizer, parameter_groups
 
 
 def test_whitening_init_whitens_patches():
@@ -33,16 +33,18 @@ def test_label_smoothing_matches_its_definition():
     assert smoothed.item() == pytest.approx(-(target * F.log_softmax(logits, 1)).sum(1).mean().item(), rel=1e-6)
 
 
-def test_ema_follows_its_formula():
-    from timm.utils import ModelEmaV3
+def test_the_checkpoints_inference_weights_are_the_ema_not_the_trained_ones(image_folder, tmp_path):
+    from cifarx.checkpoint import read_checkpoint
+    from cifarx.config import make_train_config
+    from cifarx.train import train
 
-    model = torch.nn.Linear(4, 2)
-    ema = ModelEmaV3(model, decay=0.9)
-    before = ema.module.weight.detach().clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model)
-    assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * model.weight)
+    train(make_train_config(data=str(image_folder), epochs=1, batch_size=16, val_size=16, out=str(tmp_path / "run"),
+                            lr=3e-3, ema_decay=0.5, ema_every=2))
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
+    ema, trained = last["train_state"]["ema"], last["train_state"]["model"]
+    for key in ema:
+        assert torch.equal(last["state_dict"][key], ema[key]), key  # what export and eval use
+    assert any(not torch.equal(ema[key], trained[key]) for key in ema if ema[key].is_floating_point())
 
 
 def test_norm_parameters_get_their_own_lr_and_decoupled_decay():
@@ -100,7 +102,7 @@ def test_export_folds_tta_into_the_graph(trained_run, tmp_path):
 
 
 def test_lookahead_pulls_weights_to_their_average_and_copies_it_back():
-    from cifarx.train import Lookahead
+    from cifarx.optimiser import Lookahead
 
     model = torch.nn.Linear(3, 2)
     lookahead = Lookahead(model)
@@ -122,7 +124,8 @@ def test_lookahead_run_resumes_exactly(image_folder, tmp_path):
     from cifarx.checkpoint import read_checkpoint
     from cifarx.config import make_train_config
     from cifarx.errors import TrainingInterrupted
-    from cifarx.train import SilentReporter, train
+    from cifarx.runfolder import SilentReporter
+    from cifarx.train import train
 
     class InterruptAt(SilentReporter):
         def __init__(self):

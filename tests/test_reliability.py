@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import resource
+import shutil
 import signal
 import stat
 import struct
@@ -24,33 +25,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from cifarx.checkpoint import read_checkpoint
-from cifarx.cli import cli
 from cifarx.config import make_train_config
 from cifarx.errors import CifarxError, TrainingInterrupted
-from cifarx.train import SilentReporter, train
-from tests.conftest import make_image_folder
+from cifarx.runfolder import SilentReporter
+from cifarx.train import train
+from tests.conftest import assert_one_line_error, make_image_folder, run
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    """Exit code 2, exactly one `error: ...` line on stderr naming the problem, and no traceback anywhere."""
-    assert result.exit_code == 2, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def temporary_files(folder: Path) -> list[Path]:
@@ -172,6 +158,14 @@ def bad_files(tmp_path, trained_run) -> dict:
     os.mknod(tmp_path / "null.onnx", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a copy of /dev/null
     crafted_onnx_files(tmp_path, trained_run["onnx"])
     crafted_checkpoints(tmp_path, trained_run["run"])
+    make_image_folder(tmp_path / "train_only", "train", per_class=8)
+    make_image_folder(tmp_path / "tiny_data", "train", per_class=3)  # 12 images: less than the model's val_size 16
+    trained_on_all = onnx.load(str(trained_run["onnx"]))
+    for prop in trained_on_all.metadata_props:
+        if prop.key == "val_split":
+            prop.value = json.dumps({**json.loads(prop.value), "val_size": 0})  # as `--val-size 0` records it
+    onnx.save(trained_on_all, str(tmp_path / "trained_on_all.onnx"))
+    shutil.copytree(trained_run["run"], tmp_path / "finished_run")
     return {"tmp": tmp_path, "data": trained_run["data"], "run": trained_run["run"], "onnx": trained_run["onnx"],
             "image": trained_run["data"] / "test" / "cat" / "0000.png"}
 
@@ -246,6 +240,9 @@ BAD_INPUT = {
     "eval: unknown provider": (["eval", "{onnx}", "--provider", "tpu"], ["--provider", "tpu"]),
     "eval: zero batch size": (["eval", "{onnx}", "--batch-sizes", "0"], ["--batch-sizes"]),
     "eval: negative batch size": (["eval", "{onnx}", "--batch-sizes", "-8"], ["--batch-sizes"]),
+    "eval: non-number batch size": (["eval", "{onnx}", "--batch-sizes", "1,x"], ["--batch-sizes"]),
+    "eval: --split val of a model trained on every image": (["eval", "{tmp}/trained_on_all.onnx", "--data", "{data}",
+                                                             "--split", "val"], ["no validation split", "--split test"]),
     "eval: unwritable --json": (["eval", "{onnx}", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1",
                                  "--json", "{tmp}/afile/sub/e.json"], ["cannot write to", "afile"]),
     "eval: unwritable --plots": (["eval", "{onnx}", "--data", "{data}", "--repeats", "1", "--warmup", "0",
@@ -259,7 +256,7 @@ BAD_INPUT = {
     "predict: metadata classes != outputs": (["predict", "{tmp}/three_names.onnx", "{image}"], ["3 classes"]),
     "predict: missing image": (["predict", "{onnx}", "{tmp}/missing.png"], ["image not found"]),
     "predict: random bytes as image": (["predict", "{onnx}", "{tmp}/random.onnx"], ["cannot read image"]),
-    "predict: folder as image": (["predict", "{onnx}", "{tmp}/no_images"], ["cannot read image"]),
+    "predict: folder without images": (["predict", "{onnx}", "{tmp}/no_images"], ["no image files under", "no_images"]),
     "predict: unknown provider": (["predict", "{onnx}", "{image}", "--provider", "tpu"], ["--provider", "tpu"]),
     "predict: zero top-k": (["predict", "{onnx}", "{image}", "--top-k", "0"], ["--top-k"]),
     # quantize: the model file, the calibration data, the outputs
@@ -272,9 +269,16 @@ BAD_INPUT = {
     "quantize: output is not .onnx": ([*quantize_args("{onnx}"), "-o", "{tmp}/out/q.txt"], [".onnx"]),
     "quantize: output replaces its source": ([*quantize_args("{onnx}"), "-o", "{onnx}"], ["must not replace"]),
     "quantize: unwritable output folder": ([*quantize_args("{onnx}"), "-o", "{tmp}/afile/sub/q.onnx"], ["cannot write to", "afile"]),
+    "quantize: --split test without a test folder": (["quantize", "{onnx}", "--data", "{tmp}/train_only", "--split", "test",
+                                                      "--calibration-images", "8", "-o", "{tmp}/out/q.onnx"],
+                                                     ["no test/ folder"]),
+    "quantize: data too small for the model's validation split": (["quantize", "{onnx}", "--data", "{tmp}/tiny_data",
+                                                                  "--calibration-images", "8", "-o", "{tmp}/out/q.onnx"],
+                                                                 ["12 training images", "validation split of 16"]),
     "quantize: unwritable --json": ([*quantize_args("{onnx}"), "--json", "{tmp}/afile/sub/q.json"], ["cannot write to", "afile"]),
     # train: the recipe, the numbers, the data, the output
-    "train: unknown model": ([*TRAIN, "--model", "no-such-model", "--out", "{tmp}/r"], ["unknown model", "no-such-model"]),
+    "train: unknown model": ([*TRAIN, "--model", "no-such-model", "--out", "{tmp}/r"],
+                             ["unknown model", "no-such-model", "simple-cnn", "vae-ssl", "timm/<name>"]),
     "train: unknown preset": ([*TRAIN, "--preset", "no-such-preset", "--out", "{tmp}/r"], ["unknown preset"]),
     "train: zero epochs": ([*TRAIN, "--epochs", "0", "--out", "{tmp}/r"], ["--epochs must be positive"]),
     "train: negative epochs": ([*TRAIN, "--epochs", "-2", "--out", "{tmp}/r"], ["--epochs must be positive"]),
@@ -286,17 +290,22 @@ BAD_INPUT = {
     "train: NaN lr": ([*TRAIN, "--lr", "nan", "--out", "{tmp}/r"], ["--lr must be positive"]),
     "train: infinite lr": ([*TRAIN, "--lr", "inf", "--out", "{tmp}/r"], ["--lr must be positive"]),
     "train: non-number epochs": ([*TRAIN, "--epochs", "ten", "--out", "{tmp}/r"], ["--epochs"]),
-    "train: wrong type through --set": ([*TRAIN, "--set", "epochs=ten", "--out", "{tmp}/r"], ["epochs must be int"]),
+    "train: wrong type through --set": ([*TRAIN, "--set", "patience=ten", "--out", "{tmp}/r"], ["patience must be int"]),
     "train: unknown setting": ([*TRAIN, "--set", "epoch=3", "--out", "{tmp}/r"], ["unknown setting"]),
     "train: negative threads": ([*TRAIN, "--threads", "-2", "--out", "{tmp}/r"], ["--threads must be >= 0"]),
     "train: negative train size": ([*TRAIN, "--train-size", "-3", "--out", "{tmp}/r"], ["--train-size"]),
-    "train: validation split too big": ([*TRAIN, "--val-size", "5000", "--out", "{tmp}/r"], ["--val-size"]),
+    "train: validation split too big": ([*TRAIN, "--val-size", "5000", "--out", "{tmp}/r"], ["too few for a validation split of 5000"]),
     "train: unknown device": ([*TRAIN, "--device", "tpu", "--out", "{tmp}/r"], ["unknown device"]),
     "train: bad model argument": ([*TRAIN, "--model-arg", "wings=2", "--out", "{tmp}/r"], ["bad arguments for model"]),
     "train: data folder without images": ([*TRAIN, "--data", "{tmp}/no_images", "--out", "{tmp}/r"], ["no images"]),
     "train: missing data folder": ([*TRAIN, "--data", "{tmp}/missing", "--out", "{tmp}/r"], ["data folder not found"]),
     "train: output under a file": ([*TRAIN, "--out", "{tmp}/afile/sub"], ["cannot write to", "afile"]),
     "train: output is a file": ([*TRAIN, "--out", "{tmp}/afile"], ["cannot write to", "afile"]),
+    "train: into a folder holding a run": ([*TRAIN, "--out", "{tmp}/finished_run"], ["already holds a run", "--resume"]),
+    "train: resume with a setting that cannot change": (["train", "--resume", "{tmp}/finished_run", "--lr", "0.1"],
+                                                        ["--lr cannot change", "--epochs"]),
+    "train: resume with fewer epochs than trained": (["train", "--resume", "{tmp}/finished_run", "--epochs", "1"],
+                                                     ["trained 2 epochs already"]),
     "train: resume nothing": (["train", "--resume", "{tmp}/r"], ["nothing to resume"]),
     "train: resume random bytes": (["train", "--resume", "{tmp}/random.pt"], ["not a readable cifarx checkpoint"]),
     "train: resume an inference checkpoint": (["train", "--resume", "{run}/best.pt"], ["no training state"]),
@@ -478,6 +487,24 @@ def test_resume_rewrites_metrics_a_kill_left_one_epoch_behind(image_folder, tmp_
     assert (run_dir / "summary.json").is_file()
 
 
+def test_a_run_folder_in_use_is_refused_to_a_second_writer_in_one_line(tmp_path):
+    data = make_image_folder(tmp_path / "data", "train", per_class=32)
+    run_dir = tmp_path / "run"
+    first = cifarx_process("train", "--data", data, "--out", run_dir, "--epochs", 1000, "--batch-size", 16,
+                           "--val-size", 16, "--threads", 1)
+    try:
+        wait_until(lambda: (run_dir / "last.pt").is_file(), first)  # the first run is writing its checkpoints
+        resumed = run("train", "--resume", run_dir)  # would load last.pt and write over the running run's files
+        assert_one_line_error(resumed, "in use by another cifarx train")
+        again = run("train", "--data", data, "--out", run_dir, "--epochs", 1, "--batch-size", 16, "--val-size", 16)
+        assert_one_line_error(again, str(run_dir))  # already holds a run (or, sooner, is in use)
+        assert first.poll() is None  # the first run goes on, its folder its own
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    assert read_checkpoint(run_dir / "last.pt")["config"]["epochs"] == 1000
+
+
 def test_kill_9_while_export_writes_leaves_the_old_file(trained_run, tmp_path):
     target = tmp_path / "model.onnx"
     old = trained_run["onnx"].read_bytes()
@@ -560,19 +587,14 @@ def crafted_checkpoint(path: Path, marker: Path) -> Path:
     return path
 
 
-def test_the_crafted_checkpoint_does_run_code_when_trusted(tmp_path):
-    # The control for the next test: loaded the unsafe way, the file really runs its code.
-    crafted = crafted_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned")
-    torch.load(crafted, weights_only=False)
-    assert (tmp_path / "pwned").exists()
-
-
 @pytest.mark.parametrize("command", [["export", "{ckpt}", "-o", "{tmp}/x.onnx"], ["train", "--resume", "{ckpt}"]])
 def test_crafted_pickle_checkpoint_is_refused_without_running_it(tmp_path, command):
     crafted = crafted_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned")
     result = run(*[a.format(ckpt=crafted, tmp=tmp_path) for a in command])
     assert_one_line_error(result, "refusing to load", "could run code")
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "x.onnx").exists()
+    torch.load(crafted, weights_only=False)  # the control: loaded the unsafe way, the same file does run its code
+    assert (tmp_path / "pwned").exists()
 
 
 def test_poisoned_image_cache_is_rebuilt_without_running_it(image_folder, tmp_path):

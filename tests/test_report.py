@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from cifarx.report import DEFAULT_ORT_WEB, ORT_WEB_FILES
-from tests.conftest import make_image_folder
-from tests.test_cli import assert_user_error, run
+from tests.conftest import assert_one_line_error, make_image_folder, run
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +73,18 @@ def test_report_marks_an_onnx_file_without_cifarx_metadata(tmp_path, ort_web):
 def test_report_bad_input_is_one_line(exports, tmp_path, ort_web):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run("report", empty, "-o", tmp_path / "site", "--ort-web", ort_web), "no .onnx files in")
+    assert_one_line_error(run("report", empty, "-o", tmp_path / "site", "--ort-web", ort_web), "no .onnx files in")
     no_images = tmp_path / "no-images"
     (no_images / "cat").mkdir(parents=True)
     (no_images / "notes.txt").write_text("hello")
-    assert_user_error(run("report", exports, "-o", tmp_path / "site", "--samples", no_images, "--ort-web", ort_web),
+    assert_one_line_error(run("report", exports, "-o", tmp_path / "site", "--samples", no_images, "--ort-web", ort_web),
                       "no images", str(no_images))
-    assert_user_error(run("report", exports, "-o", tmp_path / "site", "--ort-web", tmp_path / "nowhere"),
+    assert_one_line_error(run("report", exports, "-o", tmp_path / "site", "--ort-web", tmp_path / "nowhere"),
                       "onnxruntime-web files not found", "--ort-web")
     other = tmp_path / "other"
     other.mkdir()
     (other / "index.html").write_text("<h1>someone's page</h1>")
-    assert_user_error(run("report", exports, "-o", other, "--ort-web", ort_web), "other files in it")
+    assert_one_line_error(run("report", exports, "-o", other, "--ort-web", ort_web), "other files in it")
     assert not (tmp_path / "site").exists()  # checked before anything was written
 
 

@@ -8,7 +8,9 @@ import torch
 from cifarx.checkpoint import read_checkpoint
 from cifarx.config import TrainConfig, make_train_config
 from cifarx.errors import CifarxError, TrainingInterrupted
-from cifarx.train import SilentReporter, lr_factor, train
+from cifarx.optimiser import lr_factor
+from cifarx.runfolder import SilentReporter
+from cifarx.train import train
 
 
 def tiny_config(folder, out, **overrides):
@@ -117,7 +119,8 @@ def test_lr_schedules_warm_up_then_decay():
 
 FAULTS_PER_REALLOCATION = """
 import resource, sys, torch
-from cifarx.train import keep_freed_memory
+import cifarx.train  # what a `cifarx train` process has loaded when the CLI sets the switch
+from cifarx.process import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "keep" else False
 blocks = [torch.ones(64 << 18) for _ in range(2)]  # 64 MB each, like a step's activations
 del blocks

@@ -79,7 +79,7 @@ def test_freeze_all_leaves_only_the_head_and_refuses_too_many_stages():
 
 
 def test_backbone_learning_rate_scale_splits_head_and_backbone_groups():
-    from cifarx.train import parameter_groups
+    from cifarx.optimiser import parameter_groups
 
     model = create_timm_classifier(TINY, num_classes=4, img_size=32)
     config = make_train_config(model=f"timm/{TINY}", lr=0.1, backbone_lr_scale=0.01)
@@ -140,7 +140,8 @@ def test_exported_resized_model_takes_32px_input_and_matches_onnx_runtime(image_
 
 
 def test_cached_features_fit_the_head_and_reuse_the_cache(image_folder, tmp_path):
-    from cifarx.train import evaluate, split_train_val, train
+    from cifarx.batches import split_train_val
+    from cifarx.train import evaluate, train
 
     def run(name):
         config = make_train_config(model=f"timm/{TINY}", data=str(image_folder), epochs=3, batch_size=16, val_size=16,

@@ -148,10 +148,7 @@ class SemiSupervisedVAE(nn.Module):
 def write_figures(model: SemiSupervisedVAE, val_set, folder: Path, epoch: int) -> list[Path]:
     """Reconstructions of validation images, samples from the prior (M2: one row per class) and a PCA of the
     latent means coloured by class; written atomically, one set per epoch. Returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is chosen where the process starts (cifarx.process: Agg)
     from torchvision.utils import make_grid
 
     from cifarx.data import to_float

@@ -1,10 +1,11 @@
-"""The frozen-backbone fast path: backbone features computed once (batch-wise, cached on disk), then the head fitted.
+"""Linear probe: a frozen backbone's features computed once (batch-wise, cached on disk), then the head alone fitted.
 
 Why a function beside the training loop rather than through it: with every backbone parameter frozen, the loop
 would recompute identical backbone outputs every epoch (>99% of its time), and what the loop adds on top —
 batch augmentation that changes each image every epoch, EMA, Ctrl-C resume — is exactly what fixed features
 rule out or do not need. Fitting a linear layer on fixed features is a different, small problem (seconds per
-epoch for 45k images). It reuses the loop's pieces (data split, optimiser groups, lr schedule, metrics, summary),
+epoch for 45k images). It uses the loop's modules (batches: the split; optimiser: groups and lr schedule; runfolder:
+lock, metrics, summary),
 and its result is an ordinary checkpoint of the whole model (frozen backbone + fitted head), so export, eval and
 predict treat it like any other run. Differences from `cifarx train --freeze all`: no augmentation and no head
 dropout (the features are of the plain images, in eval mode).
@@ -24,10 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifarx import data as datamod
+from cifarx import runfolder
+from cifarx.batches import check_batches, resolve_device, split_train_val, stream_seed
 from cifarx.checkpoint import save_checkpoint
 from cifarx.config import TrainConfig
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_torch_save, atomic_write_json
+from cifarx.io import atomic_torch_save
+from cifarx.optimiser import build_optimizer, build_scheduler
 from cifarx.registry import create_model
 
 FEATURE_CACHE_FORMAT = 1
@@ -95,20 +99,16 @@ def fit_linear_head(config: TrainConfig, reporter=None) -> dict:
     augmentation settings are ignored (the features are of the plain images). `train_seconds` in the summary is
     the whole wall time, feature extraction (or loading the cache) included; `feature_seconds` is that part.
     """
-    from cifarx.train import (RunState, SilentReporter, _resolve_device, _seed, build_optimizer, lr_factor,
-                              split_train_val, summarize, write_metrics)
-
-    reporter = reporter or SilentReporter()
+    reporter = reporter or runfolder.SilentReporter()
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     run_dir = Path(config.out)
     train_set, val_set = split_train_val(config)
     if (train_set.labels < 0).any():
         raise CifarxError("cached features train a supervised head: unlabelled images are not supported")
-    if len(train_set) < config.batch_size:
-        raise CifarxError(f"batch size {config.batch_size} is larger than the {len(train_set)} training images")
+    check_batches(train_set, config)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=len(train_set.class_names), **config.model_kwargs)
     if not getattr(model, "frozen_backbone", False):
@@ -116,7 +116,14 @@ def fit_linear_head(config: TrainConfig, reporter=None) -> dict:
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    atomic_write_json(run_dir / "config.json", config.to_dict())
+    with runfolder.claimed(run_dir, new_run=True):
+        runfolder.write_config(run_dir, config.to_dict())
+        return _fit_head(config, reporter, model, train_set, val_set, device, start)
+
+
+def _fit_head(config: TrainConfig, reporter, model: nn.Module, train_set: datamod.ImageSet,
+              val_set: datamod.ImageSet, device: torch.device, start: float) -> dict:
+    run_dir = Path(config.out)
     feature_start = time.perf_counter()
     reporter.message(f"features of {len(train_set) + len(val_set)} images at {model.resize_to}px "
                      "(cached by backbone, weights, size and images)")
@@ -130,16 +137,13 @@ def fit_linear_head(config: TrainConfig, reporter=None) -> dict:
     train_labels, val_labels = train_set.labels.to(device), val_set.labels.to(device)
     optimizer = build_optimizer(head, dataclasses.replace(config, backbone_lr_scale=1.0))
     steps_per_epoch = len(train_set) // config.batch_size
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, steps_per_epoch, config)
-    )
-    state = RunState()
+    scheduler = build_scheduler(optimizer, steps_per_epoch, config)
+    state = runfolder.RunState(train_images=len(train_set), val_images=len(val_set))
     best_head = copy.deepcopy(head.state_dict())
     for epoch in range(config.epochs):
         epoch_start = time.perf_counter()
         reporter.start_epoch(epoch, config.epochs, steps_per_epoch)
-        order = torch.Generator().manual_seed(_seed(config.seed, epoch, 0))
+        order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
         loss_sum, correct = 0.0, 0
         for index in datamod.iterate_batches(len(train_set), config.batch_size, order, drop_last=True):
             index = index.to(device)
@@ -155,12 +159,9 @@ def fit_linear_head(config: TrainConfig, reporter=None) -> dict:
             reporter.advance(loss.item())
         validation = _accuracy_and_loss(head, val_features, val_labels)
         seen = steps_per_epoch * config.batch_size
-        row = {
-            "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-            "val_loss": validation["loss"], "val_accuracy": validation["accuracy"],
-            "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - epoch_start,
-            "data_seconds": 0.0, "train_seconds": time.perf_counter() - start,
-        }
+        sums = {"loss_sum": loss_sum, "correct": correct, "seen": seen, "labelled": seen, "data_seconds": 0.0}
+        row = runfolder.epoch_row(epoch + 1, sums, validation, optimizer.param_groups[0]["lr"],
+                                  time.perf_counter() - epoch_start, time.perf_counter() - start)
         state.history.append(row)
         state.epoch = epoch + 1
         if len(val_set) == 0 or validation["accuracy"] > state.best_val_accuracy:
@@ -177,10 +178,8 @@ def fit_linear_head(config: TrainConfig, reporter=None) -> dict:
     checkpoint("last.pt", {"val_accuracy": state.history[-1]["val_accuracy"], "epoch": config.epochs})
     head.load_state_dict(best_head)
     checkpoint("best.pt", {"val_accuracy": state.best_val_accuracy, "epoch": best_epoch})
-    write_metrics(run_dir, state.history)
+    runfolder.write_metrics(run_dir, state.history)
     state.train_seconds = time.perf_counter() - start
-    summary = summarize(run_dir, config, state, len(train_set), val_set, device)
-    summary.update({"feature_seconds": round(feature_seconds, 1), "features_from_cache": train_cached and val_cached,
-                    "img_size": model.resize_to, "weights": model.export_metadata["weights"]})
-    atomic_write_json(run_dir / "summary.json", summary)
-    return summary
+    return runfolder.write_summary(run_dir, config.to_dict(), state, {
+        "feature_seconds": round(feature_seconds, 1), "features_from_cache": train_cached and val_cached,
+        "img_size": model.resize_to, "weights": model.export_metadata["weights"]})

@@ -1,0 +1,142 @@
+"""Which images train and which validate, and each epoch's training batches.
+
+`validation_split` is the one definition of a run's held-out images: training carves them out, and export's
+parity check, `cifarx eval --split val` and quantize's calibration re-carve the same ones from what the model
+records (data, val_size, seed).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from cifarx import data as datamod
+from cifarx import distributed
+from cifarx.config import TrainConfig
+from cifarx.errors import CifarxError
+
+PER_IMAGE_AUGMENTATIONS = {"rotate", "autoaugment", "erasing"}
+
+
+def stream_seed(seed: int, epoch: int, stream: int) -> int:
+    """Independent seeds per (run seed, epoch, random stream)."""
+    return (seed * 100_003 + epoch) * 8 + stream
+
+
+def validation_split(labels: torch.Tensor, val_size: int, seed: int, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) of a train split: `val_size` images held out, stratified by class and
+    fixed by `seed`; val_size 0 holds nothing out. `source` names the data in the error a too-small split gets."""
+    if not val_size:
+        return torch.arange(len(labels)), torch.arange(0)
+    if not 0 < val_size < len(labels):
+        raise CifarxError(f"{source} has {len(labels)} training images: too few for a validation split of {val_size}")
+    return datamod.stratified_split(labels, val_size, seed)
+
+
+def split_train_val(config: TrainConfig) -> tuple[datamod.ImageSet, datamod.ImageSet]:
+    """The training images and the stratified validation split carved from them."""
+    full = datamod.load_split(config.data, "train", config.data_root)
+    train_index, val_index = validation_split(full.labels, config.val_size, config.seed, config.data)
+    train_set, val_set = full.subset(train_index), full.subset(val_index)
+    if config.train_size and config.train_size < len(train_set):
+        _, keep = datamod.stratified_split(train_set.labels, config.train_size, config.seed + 1)
+        train_set = train_set.subset(keep)
+    if config.labelled is not None or config.labelled_per_class is not None:
+        # From here on only the labelled subset carries labels; the rest of train is -1 (or left out).
+        train_set = datamod.semi_supervised_subset(train_set, config.labelled, config.unlabelled, config.seed + 2,
+                                                   config.labelled_per_class)
+    return train_set, val_set
+
+
+def _torchvision_transform(config: TrainConfig):
+    from torchvision.transforms import v2
+
+    steps = []
+    if "crop" in config.augment:
+        steps.append(v2.RandomCrop(32, padding=config.crop_padding, padding_mode=config.translate_mode))
+    if "flip" in config.augment:
+        steps.append(v2.RandomHorizontalFlip())
+    if "rotate" in config.augment:
+        steps.append(v2.RandomRotation(config.rotate_degrees))
+    if "autoaugment" in config.augment:
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if "cutout" in config.augment or "erasing" in config.augment:
+        area = config.cutout_size**2 / 1024
+        steps.append(v2.RandomErasing(p=1.0 if "cutout" in config.augment else 0.5, scale=(area, area), ratio=(1, 1)))
+    return v2.Compose(steps)
+
+
+class _TransformedImages(torch.utils.data.Dataset):
+    def __init__(self, image_set: datamod.ImageSet, transform):
+        self.image_set, self.transform = image_set, transform
+
+    def __len__(self) -> int:
+        return len(self.image_set)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.image_set.images[index]), self.image_set.labels[index]
+
+
+def uses_dataloader(config: TrainConfig) -> bool:
+    """Per-image torchvision policies (rotation, AutoAugment, erasing) need a DataLoader; the rest is batch-wise."""
+    return bool(PER_IMAGE_AUGMENTATIONS & set(config.augment))
+
+
+def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: int, device: torch.device,
+                     images_on_device: torch.Tensor, rank: int = 0,
+                     world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's (float images in [0,1], labels) batches, deterministic in (seed, epoch).
+
+    Under torchrun every rank draws the same global batches (config.batch_size images) and keeps rows
+    rank::world_size of each, so the ranks' shards are disjoint and together are what one process trains on.
+    """
+    order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
+    if uses_dataloader(config):
+        # Each rank loads only its rows; per-image transforms use the rank's own random stream.
+        shards = [index[rank::world_size].tolist()
+                  for index in datamod.iterate_batches(len(train_set), config.batch_size, order, drop_last=True)]
+        worker_seeds = torch.Generator().manual_seed(distributed.rank_seed(stream_seed(config.seed, epoch, 1), rank))
+        loader = torch.utils.data.DataLoader(
+            _TransformedImages(train_set, _torchvision_transform(config)), batch_sampler=shards,
+            num_workers=config.workers, generator=worker_seeds, persistent_workers=False,
+            pin_memory=device.type == "cuda",
+        )
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        return
+    augment = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 1))
+    labels_on_device = train_set.labels.to(device)
+    batches = datamod.iterate_batches(len(train_set), config.batch_size, order, drop_last=True)
+    if config.labelled_fraction and (train_set.labels == datamod.UNLABELLED).any():
+        # Semi-supervised: the same number of steps, each batch with a fixed share of (oversampled) labelled images.
+        labelled_per_batch = min(config.batch_size - 1, max(1, round(config.labelled_fraction * config.batch_size)))
+        batches = datamod.mixed_batches(train_set.labels, config.batch_size, labelled_per_batch,
+                                        len(train_set) // config.batch_size, order)
+    for index in batches:
+        images = datamod.to_float(images_on_device[index.to(device)])
+        images = datamod.random_crop_flip_cutout(
+            images, augment, pad=config.crop_padding if "crop" in config.augment else 0,
+            flip="flip" in config.augment, cutout=config.cutout_size if "cutout" in config.augment else 0,
+            translate_mode=config.translate_mode,
+        )
+        shard = slice(rank, None, world_size)  # augmented as one global batch: any world size sees the same images
+        yield images[shard], labels_on_device[index.to(device)][shard]
+
+
+def check_batches(train_set: datamod.ImageSet, config: TrainConfig) -> None:
+    """Refuse, before anything is written, batch settings this training set cannot serve."""
+    if len(train_set) < config.batch_size:
+        raise CifarxError(f"batch size {config.batch_size} is larger than the {len(train_set)} training images")
+    if config.labelled_fraction and uses_dataloader(config):
+        raise CifarxError("labelled_fraction needs batch-wise augmentation (crop, flip, cutout), not "
+                          f"{sorted(PER_IMAGE_AUGMENTATIONS & set(config.augment))}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device the batches go to; CUDA asked for where there is none is refused in one line."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CifarxError(f"--device {name} asked for, but PyTorch sees no CUDA device here; use --device cpu")
+    return device
