@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from cifarx.config import SSL_METHODS
 from cifarx.errors import CifarxError, TrainingInterrupted
+from cifarx.runtimes import PROVIDERS, REFERENCE, RUNTIMES
 
 console = Console()
 error_console = Console(stderr=True)
@@ -273,7 +274,9 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images,
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--val-size", type=int, help="for --split val: default is the size recorded in the model")
 @click.option("--seed", type=int, help="for --split val: default is the seed recorded in the model")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--runtime", type=click.Choice(list(RUNTIMES)), default=REFERENCE, show_default=True,
+              help="openvino and opencv run on their CPU device in a child process, checked against ONNX Runtime CPU")
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True, help="ONNX Runtime's")
 @click.option("--device-id", type=int, default=0, show_default=True)
 @click.option("--cudnn-conv-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]))
 @click.option("--batch-sizes", default="1,64", callback=_parse_int_list, show_default=True)
@@ -286,9 +289,9 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images,
               help="run folder or checkpoint the file was exported from: time PyTorch eager on the same inputs too")
 @click.option("--json", "json_path", type=click.Path(), help="write the full result as JSON")
 @click.option("--plots", type=click.Path(), help="folder for the confusion-matrix and latency-vs-batch-size PNGs")
-def eval_(model_file, data, data_root, split, val_size, seed, provider, device_id, cudnn_conv_algo_search, batch_sizes,
-          threads, graph_optimization, warmup, repeats, compare_torch, json_path, plots):
-    """Accuracy, per-class accuracy and latency of an ONNX file on an ONNX Runtime provider."""
+def eval_(model_file, data, data_root, split, val_size, seed, runtime, provider, device_id, cudnn_conv_algo_search,
+          batch_sizes, threads, graph_optimization, warmup, repeats, compare_torch, json_path, plots):
+    """Accuracy, per-class accuracy and latency of an ONNX file on a runtime (ONNX Runtime, OpenVINO, OpenCV)."""
     from pathlib import Path
 
     from rich.table import Table
@@ -302,7 +305,13 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
     result = evaluate_onnx(model_file, data=data, split=split, provider=provider, batch_sizes=batch_sizes,
                            threads=threads, graph_optimization=graph_optimization, warmup=warmup, repeats=repeats,
                            device_id=device_id, data_root=data_root, val_size=val_size, seed=seed,
-                           cudnn_conv_algo_search=cudnn_conv_algo_search, compare_torch=compare_torch)
+                           cudnn_conv_algo_search=cudnn_conv_algo_search, compare_torch=compare_torch, runtime=runtime)
+    if "failed" in result:  # the runtime crashed or refused the file in its child process: a result, not a cifarx bug
+        if json_path:
+            atomic_write_json(json_path, result)
+        console.print(f"[red]failed[/] on {result['runtime']} {result['runtime_version']}: "
+                      f"{escape(result['failed'])}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     if "accuracy" in result:
         console.print(f"{split} accuracy on {result['images']} images: [bold]{result['accuracy']:.2%}[/]", highlight=False)
         table = Table(title="per-class accuracy")
@@ -311,16 +320,20 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
         for name, value in result["per_class"].items():
             table.add_row(name, f"{value:.2%}")
         console.print(table)
-    table = Table(title=f"latency on {result['provider']}")
+    table = Table(title=escape(f"latency on {result['runtime']} {result['runtime_version']}, {result['device']}"))
     for column in ("runtime", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
         table.add_column(column, justify="right")
-    for runtime, key in (("onnxruntime", "latency"), ("torch eager", "torch_latency")):
+    for runtime, key in ((result["runtime"], "latency"), ("torch eager", "torch_latency")):
         sweep = result.get(f"{key}_by_threads") or ({str(result["threads"] or "default"): result[key]} if key in result else {})
         for threads_used, by_batch in sweep.items():
             for batch, stats in by_batch.items():
                 table.add_row(runtime, threads_used, batch, f"{stats['p50_ms']:.3f}", f"{stats['p90_ms']:.3f}",
                               f"{stats['p99_ms']:.3f}", f"{stats['images_per_s']:.0f}")
     console.print(table)
+    if "agreement" in result:
+        agreed = result["agreement"]
+        console.print(f"agreement with ONNX Runtime CPU on {agreed['images']} images: top-1 {agreed['top1_agreement']:.2%}, "
+                      f"max |delta probability| {agreed['max_abs_probability_delta']:.2e}", highlight=False)
     if "parity" in result:
         parity = result["parity"]
         console.print(f"parity with PyTorch on {parity['images']} images: top-1 agreement {parity['top1_agreement']:.2%}, "
@@ -413,7 +426,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
 @click.argument("model_file", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=int, default=3, show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def predict(model_file, images, top_k, provider, as_json):
     """Top-k classes of image files (no torch needed: onnxruntime, numpy, Pillow)."""

@@ -15,6 +15,8 @@ from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_path
 from cifarx.models.common import TestTimeAugmentation, preprocessing_of
+from cifarx.portable import reorder_gelu
+from cifarx.runtimes import PROVIDERS
 
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter writes natively; ORT >= 1.14 runs it
 INPUT_NAME = "input"
@@ -53,7 +55,7 @@ def check_parity(onnx_path: Path, torch_model: nn.Module, images: torch.Tensor, 
     """ONNX Runtime CPU against PyTorch on the same images: top-1 agreement and the largest |delta logit|."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), providers=[PROVIDERS["cpu"]])
     input_type = session.get_inputs()[0].type
     agree, max_delta, scale = 0, 0.0, 0.0
     with torch.no_grad():
@@ -124,6 +126,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
                 output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
             )
         onnx_model = program.model_proto
+        reorder_gelu(onnx_model)  # the same numbers in the order every runtime loads (OpenCV 5.0 segfaults on torch's)
         if fp16:
             from onnxconverter_common import float16
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from cifarx.errors import CifarxError
 from cifarx.onnxfile import create_session, model_info
+from cifarx.runtimes import softmax
 
 
 def load_images(paths: list[str | Path], size: int = 32) -> np.ndarray:
@@ -25,11 +26,6 @@ def load_images(paths: list[str | Path], size: int = 32) -> np.ndarray:
             raise CifarxError(f"cannot read image {path}: {type(error).__name__}") from None
         batch[i] = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
     return batch
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def predict(model_path: str | Path, image_paths: list[str | Path], top_k: int = 3, provider: str = "cpu") -> list[dict]:
