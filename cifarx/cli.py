@@ -351,6 +351,72 @@ def eval_(model_file, data, data_root, split, val_size, seed, runtime, provider,
         console.print(f"wrote {json_path}", highlight=False)
 
 
+# ---------------------------------------------------------------------------------------------- compare
+
+
+@cli.command()
+@click.argument("model_files", nargs=-1, required=True, type=click.Path())
+@click.option("--runtimes", "runtime_list", default=",".join(RUNTIMES), show_default=True,
+              help="comma list; each model runs on each (OpenVINO and OpenCV in a child process)")
+@click.option("--batch-sizes", default="1,256", callback=_parse_int_list, show_default=True)
+@click.option("--data", help="image folder or 'cifar10': accuracy on --split too; without it, random pixels")
+@click.option("--data-root")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--images", "image_count", type=click.IntRange(1), default=1000, show_default=True,
+              help="images (a fixed sample of --split) that accuracy and agreement are measured on")
+@click.option("--threads", type=click.IntRange(1), help="intra-op threads for every runtime (default: each runtime's own)")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--json", "json_path", type=click.Path(), help="write the matrix as JSON")
+@click.option("--png", "png_path", type=click.Path(), help="write latency and throughput per runtime and batch size")
+def compare(model_files, runtime_list, batch_sizes, data, data_root, split, image_count, threads, warmup, repeats,
+            json_path, png_path):
+    """Models x runtimes: does each file load, agree with ONNX Runtime CPU, and how fast does it run."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from cifarx.compare import compare_runtimes, save_compare_png
+    from cifarx.io import atomic_write_json, check_writable
+    from cifarx.runtimes import parse_runtimes
+
+    runtimes = parse_runtimes(runtime_list)
+    for target in (json_path, png_path):
+        if target:
+            check_writable(target)
+    result = compare_runtimes(list(model_files), runtimes, batch_sizes=batch_sizes, data=data, split=split,
+                              image_count=image_count, data_root=data_root, threads=threads, warmup=warmup,
+                              repeats=repeats)
+    table = Table(title=escape(f"{result['environment']['cpu']}, {threads or 'default'} threads"))
+    for column in ("model", "runtime", "accuracy", "top-1 agree", "max |Δp|"):
+        table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
+    for batch in batch_sizes:
+        table.add_column(f"b{batch} p50 ms", justify="right")
+        table.add_column(f"b{batch} img/s", justify="right")
+    table.add_column("status")
+    for row in result["rows"]:
+        cells = [escape(f"{Path(row['model']).name} {row['precision']}"), f"{row['runtime']} {row.get('version') or ''}"]
+        if row["status"] == "ok":
+            cells += [f"{row['accuracy']:.2%}" if "accuracy" in row else "-",
+                      f"{row['agreement']['top1_agreement']:.2%}", f"{row['agreement']['max_abs_probability_delta']:.1e}"]
+            for batch in batch_sizes:
+                stats = row["latency"][str(batch)]
+                cells += [f"{stats['p50_ms']:.2f}", f"{stats['images_per_s']:.0f}"]
+            cells.append("ok")
+        else:
+            cells += [""] * (3 + 2 * len(batch_sizes)) + [f"[red]{escape(row['status'])}[/]"]
+        table.add_row(*cells)
+    console.print(table)
+    for device in dict.fromkeys(f"{row['runtime']}: {row['device']}" for row in result["rows"] if row.get("device")):
+        console.print(f"  {escape(device)}", highlight=False)
+    if png_path:
+        save_compare_png(result, png_path)
+        console.print(f"wrote {png_path}", highlight=False)
+    if json_path:
+        atomic_write_json(json_path, result)
+        console.print(f"wrote {json_path}", highlight=False)
+
+
 # ---------------------------------------------------------------------------------------------- quantize
 
 
@@ -362,10 +428,11 @@ def eval_(model_file, data, data_root, split, val_size, seed, runtime, provider,
 @click.option("--calibration-images", type=click.IntRange(1), default=512, show_default=True,
               help="training images (outside the model's validation split) the activation ranges are measured on")
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
-@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
-              help="uint8 activations with int8 weights (U8S8) is ONNX Runtime's choice for x86 CPUs")
+@click.option("--activation-type", type=click.Choice(["auto", "uint8", "int8"]), default="auto", show_default=True,
+              help="auto: what this CPU's int8 instructions need (uint8 = U8S8 on x86, int8 = S8S8 elsewhere)")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="one weight scale per output channel")
-@click.option("--reduce-range", is_flag=True, help="7-bit weights, for x86 CPUs without VNNI")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="7-bit weights; default: on for x86 CPUs with AVX2/AVX-512 but no VNNI, off otherwise")
 @click.option("--keep-ends-fp32/--quantize-ends", default=True, show_default=True,
               help="leave the first convolution and the classifier in float32")
 @click.option("--compare/--no-compare", default=True, show_default=True,
@@ -394,6 +461,10 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
                            data_root=data_root)
     console.print(f"wrote {report['output']} ({report['bytes'] / 1e6:.2f} MB, from {report['source_bytes'] / 1e6:.2f} MB); "
                   f"calibrated on {report['calibration_images']} images ({calibration_method})", highlight=False)
+    advice = report["advice_for_this_cpu"]
+    console.print(f"int8 instructions of this CPU: {report['cpu_int8_isa'] or 'none found'}; activations "
+                  f"{report['activations']} ({report['chosen_by']['activations']}), reduce_range {report['reduce_range']} "
+                  f"({report['chosen_by']['reduce_range']}); this CPU's advice: {advice['why']}", highlight=False)
     result = {"quantization": report}
     if compare:
         comparison = compare_int8(model_file, output, data=data, split=split, batch_sizes=batch_sizes, threads=threads,
@@ -410,6 +481,20 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
             for stats in measured["latency"].values():
                 cells += [f"{stats['p50_ms']:.3f}", f"{stats['images_per_s']:.0f}"]
             table.add_row(name, *cells)
+        console.print(table)
+        profiles = comparison["op_profile"]
+        table = Table(title=f"ONNX Runtime profile at batch {profiles['int8']['batch_size']}: nodes and share of node time "
+                            f"per op type (int8 file: {profiles['int8']['int8_share']:.0%} of its time in int8 kernels)")
+        for column in ("op type", "computes in", "fp32 nodes", "fp32 time", "int8 nodes", "int8 time"):
+            table.add_column(column, justify="left" if column in ("op type", "computes in") else "right",
+                             no_wrap=column == "op type")
+        keys = list(dict.fromkeys((op["op_type"], op["precision"]) for name in ("int8", "fp32") for op in profiles[name]["ops"]))
+        for op_type, precision in keys:
+            cells = [op_type, precision]
+            for name in ("fp32", "int8"):
+                op = next((op for op in profiles[name]["ops"] if (op["op_type"], op["precision"]) == (op_type, precision)), None)
+                cells += [str(op["nodes"]), f"{op['share']:.1%}"] if op else ["", ""]
+            table.add_row(*cells)
         console.print(table)
         speedups = ", ".join(f"{s:.2f}x at batch {b}" for b, s in comparison["speedup"].items())
         console.print(f"int8: {0.0 - comparison['accuracy_drop_points']:+.2f} accuracy points, top-1 agreement with fp32 "
