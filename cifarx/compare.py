@@ -23,25 +23,27 @@ def precision(info: dict) -> str:
 def compare_runtimes(model_paths: list[str | Path], runtimes: list[str], *, batch_sizes: list[int] = (1, 256),
                      data: str | None = None, split: str = "test", image_count: int | None = 1000,
                      data_root: str | None = None, threads: int | None = None, warmup: int = 5,
-                     repeats: int = 30) -> dict:
-    """One row per (model, runtime): status, version, device, accuracy on `data`, agreement and latency; JSON-ready."""
+                     repeats: int = 30, images: np.ndarray | None = None) -> dict:
+    """One row per (model, runtime): status, version, device, accuracy on `data`, agreement and latency; JSON-ready.
+
+    `images` (uint8 [N,3,32,32]) replaces `data` for agreement and latency, without labels (no accuracy)."""
     runtimes = parse_runtimes(",".join(runtimes))
     sessions = [(Path(path), create_session(path, "cpu", threads=threads)) for path in model_paths]  # all files first
     rows = []
     for path, session in sessions:
         info = model_info(session)
-        images, labels = eval_images(info, data, split, list(batch_sizes), data_root)
-        if image_count and len(images) > image_count:  # a fixed stratum-blind sample: the same for every runtime
-            keep = np.sort(np.random.default_rng(0).permutation(len(images))[:image_count])
-            images, labels = images[keep], (labels[keep] if labels is not None else None)
-        reference = reference_outputs(session, info, images)
+        measured_on, labels = (images, None) if images is not None else eval_images(info, data, split, list(batch_sizes), data_root)
+        if image_count and len(measured_on) > image_count:  # a fixed sample, the same for every runtime
+            keep = np.sort(np.random.default_rng(0).permutation(len(measured_on))[:image_count])
+            measured_on, labels = measured_on[keep], (labels[keep] if labels is not None else None)
+        reference = reference_outputs(session, info, measured_on)
         for runtime in runtimes:
             row = {"model": str(path), "precision": precision(info), "runtime": runtime}
             not_installed = missing(runtime)
             if not_installed:
                 rows.append({**row, "status": not_installed})
                 continue
-            measured = measure_runtime(runtime, path, session, info, images, reference, list(batch_sizes), threads,
+            measured = measure_runtime(runtime, path, session, info, measured_on, reference, list(batch_sizes), threads,
                                        warmup, repeats)
             row.update(version=measured["version"], device=measured.get("device"))
             if "failed" in measured:
@@ -49,7 +51,7 @@ def compare_runtimes(model_paths: list[str | Path], runtimes: list[str], *, batc
                 continue
             row["status"] = "ok"
             if labels is not None:
-                row.update(split=split, images=len(images),
+                row.update(split=split, images=len(measured_on),
                            accuracy=score(measured["logits"], labels, info["class_names"])["accuracy"])
             row.update(agreement=measured["agreement"], latency=measured["latency"])
             rows.append(row)

@@ -15,7 +15,7 @@ from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_path
 from cifarx.models.common import TestTimeAugmentation, preprocessing_of
-from cifarx.portable import reorder_gelu
+from cifarx.portable import make_portable
 from cifarx.runtimes import PROVIDERS
 
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter writes natively; ORT >= 1.14 runs it
@@ -126,7 +126,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
                 output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
             )
         onnx_model = program.model_proto
-        reorder_gelu(onnx_model)  # the same numbers in the order every runtime loads (OpenCV 5.0 segfaults on torch's)
+        make_portable(onnx_model)  # the same numbers in a form every runtime runs right (OpenCV 5.0, see portable.py)
         if fp16:
             from onnxconverter_common import float16
 

@@ -5,6 +5,11 @@ GELU: torch's exporter writes `x * (0.5 * (1 + erf(x / sqrt 2)))` (Div, Erf, Add
 takes `(x * (1 + erf(x / sqrt 2))) * 0.5`, the order torch's older exporter wrote. The two are equal bit for bit:
 multiplying by 0.5 only lowers the exponent, so it commutes with rounding (outside the subnormal range, ~1e-38).
 ONNX Runtime fuses both orders into its own Gelu kernel, OpenVINO into its Gelu op.
+
+Padded 1x1 convolutions: torch's exporter folds a zero Pad into the next Conv's `pads` (onnxscript's FuseConvPad;
+shake-shake's shifted shortcut is one). OpenCV 5.0 computes a 1x1 Conv with non-zero pads from uninitialised
+memory (errors from 10 to 1e26, changing run to run); an explicit zero Pad before an unpadded Conv is the same
+arithmetic, and it runs right everywhere.
 """
 
 from __future__ import annotations
@@ -74,14 +79,49 @@ def reorder_gelu(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def rewrite_file(path: str | Path, output: str | Path | None = None) -> int:
-    """Apply `reorder_gelu` to an ONNX file (metadata untouched), writing `output` (default: in place) atomically."""
+def unfold_pointwise_conv_pads(model: onnx.ModelProto) -> int:
+    """Give every padded 1x1 Conv of the main graph an explicit zero Pad in front and no pads of its own, in place.
+
+    Returns how many convolutions were changed."""
+    graph = model.graph
+    values = _constants(graph)
+    rewritten, nodes = 0, []
+    for node in graph.node:
+        attributes = {attribute.name: attribute for attribute in node.attribute}
+        kernel = values.get(node.input[1]).shape[2:] if node.op_type == "Conv" and node.input[1] in values else None
+        pads = list(attributes["pads"].ints) if "pads" in attributes else []
+        if kernel is None or any(size != 1 for size in kernel) or not any(pads):
+            nodes.append(node)
+            continue
+        half = len(pads) // 2  # ONNX: [begin of each spatial axis..., end of each spatial axis...]
+        pad_name, padded = f"{node.name or node.output[0]}_explicit_pads", f"{node.input[0]}_padded_for_{node.output[0]}"
+        graph.initializer.append(numpy_helper.from_array(
+            np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], dtype=np.int64), pad_name))
+        nodes.append(onnx.helper.make_node("Pad", [node.input[0], pad_name], [padded], mode="constant",
+                                           name=f"{node.name or node.output[0]}_pad"))
+        node.input[0] = padded
+        del attributes["pads"].ints[:]
+        attributes["pads"].ints.extend([0] * len(pads))
+        nodes.append(node)
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
+
+
+def make_portable(model: onnx.ModelProto) -> dict[str, int]:
+    """Every rewrite of this module, in place: how many GELUs and padded 1x1 convolutions each changed."""
+    return {"gelu_reordered": reorder_gelu(model), "pointwise_conv_pads_unfolded": unfold_pointwise_conv_pads(model)}
+
+
+def rewrite_file(path: str | Path, output: str | Path | None = None) -> dict[str, int]:
+    """`make_portable` on an ONNX file (metadata untouched), written to `output` (default: in place) atomically."""
     from cifarx.io import atomic_path
 
     path = Path(path)
     model = onnx.load(str(path))
-    count = reorder_gelu(model)
+    counts = make_portable(model)
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(output or path) as temporary:
         onnx.save(model, str(temporary))
-    return count
+    return counts

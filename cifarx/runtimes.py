@@ -159,10 +159,10 @@ def _open_opencv(path: Path, threads: int | None):
 OPENERS = {"openvino": _open_openvino, "opencv": _open_opencv}
 
 
-def _measure_here(runtime: str, path: Path, images: np.ndarray, batch_sizes: list[int], threads: int | None,
+def _measure_here(opener, runtime: str, path: Path, images: np.ndarray, batch_sizes: list[int], threads: int | None,
                   warmup: int, repeats: int, dtype) -> dict:
-    """Outputs on `images` and latency per batch size on one foreign runtime, in this process."""
-    run, device = OPENERS[runtime](path, threads)
+    """Outputs on `images` and latency per batch size on one foreign runtime (`opener` loads the file), here."""
+    run, device = opener(path, threads)
     logits, probabilities = batched_outputs(run, images, dtype)
     latency = {}
     for batch_size in batch_sizes:
@@ -172,20 +172,28 @@ def _measure_here(runtime: str, path: Path, images: np.ndarray, batch_sizes: lis
             "logits": logits, "probabilities": probabilities, "latency": latency}
 
 
-def _child(connection, *args) -> None:
+def serve_child() -> None:
+    """The child's side of `measure_in_child`: a pickled (opener, arguments) on stdin, a pickled result on stdout."""
+    import os
+    import pickle
+    import sys
+
+    answer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever the runtime prints goes to stderr, never into the pickled answer
+    opener, args = pickle.load(sys.stdin.buffer)
     try:
-        result = _measure_here(*args)
+        result = _measure_here(opener, *args)
     except Exception as error:  # the runtime's own error, as one line for the row
         text = str(error).strip()
         result = {"failed": text.splitlines()[-1] if text else type(error).__name__}
-    connection.send(result)
-    connection.close()
+    pickle.dump(result, answer)
+    answer.close()
 
 
-def describe_exit(code: int | None) -> str:
+def describe_exit(code: int | None, timeout: float = CHILD_TIMEOUT_S) -> str:
     """`killed by signal 11 (SIGSEGV)` for a negative exit code, `exited with code N` otherwise."""
     if code is None:
-        return f"no answer within {CHILD_TIMEOUT_S} s (killed)"
+        return f"no answer within {timeout:g} s (killed)"
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -199,32 +207,32 @@ def measure_in_child(runtime: str, path: str | Path, images: np.ndarray, batch_s
                      threads: int | None = None, warmup: int = 5, repeats: int = 30, dtype=np.float32,
                      timeout: float = CHILD_TIMEOUT_S) -> dict:
     """`_measure_here` in a fresh child process; a crash, a hang or a runtime error gives `{"failed": why}`."""
-    import multiprocessing
+    import os
+    import pickle
+    import subprocess
+    import sys
 
     require(runtime)
     if runtime not in OPENERS:
         raise CifarxError(f"{runtime} runs in the calling process, not in a child")
-    context = multiprocessing.get_context("spawn")  # no copy of the parent's threads, locks or ORT sessions
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, daemon=True,
-                              args=(sender, runtime, Path(path), images, list(batch_sizes), threads, warmup, repeats, dtype))
-    process.start()
-    sender.close()  # so that the child's death ends our recv() with EOFError
-    result = None
+    # A fresh interpreter, not multiprocessing: nothing of the parent's threads or sessions is copied, and the
+    # caller's main script is not re-imported (multiprocessing's spawn would run an unguarded script again).
+    search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)  # the same cifarx, and the opener's module
+    payload = pickle.dumps((OPENERS[runtime], (runtime, Path(path), images, list(batch_sizes), threads, warmup, repeats, dtype)))
+    child = subprocess.Popen([sys.executable, "-c", "from cifarx.runtimes import serve_child; serve_child()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "PYTHONPATH": search_path})
     try:
-        if receiver.poll(timeout):
-            result = receiver.recv()
-    except EOFError:  # the child died before it could answer
-        pass
-    finally:
-        receiver.close()
-    process.join(30)
-    code = process.exitcode
-    if code is None:  # hung: poll timed out, or the child does not exit after answering
-        process.kill()
-        process.join()
-    if result is None:
-        result = {"failed": describe_exit(code)}
+        answer, _ = child.communicate(payload, timeout=timeout)
+        code = child.returncode
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        answer, code = b"", None
+    try:
+        result = pickle.loads(answer) if code == 0 else {"failed": describe_exit(code, timeout)}
+    except (pickle.UnpicklingError, EOFError):
+        result = {"failed": "gave an unreadable answer"}
     if "failed" in result:
         result.update({"runtime": runtime, "version": version(runtime)})
     return result
