@@ -161,7 +161,7 @@ def _export_registered(name, tmp_path, image_folder, tta):
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_exports_to_a_file_every_runtime_takes(name, tta, tmp_path, image_folder):
     path = _export_registered(name, tmp_path, image_folder, tta)
-    rows = compare_runtimes([path], ["onnxruntime", *INSTALLED], batch_sizes=[2], image_count=64, warmup=0, repeats=1)["rows"]
+    rows = compare_runtimes([path], ["onnxruntime", *INSTALLED], batch_sizes=[2], image_count=32, warmup=0, repeats=1)["rows"]
     for row in rows:
         assert row["status"] == "ok", row
         assert row["agreement"]["top1_agreement"] >= 0.998 and row["agreement"]["max_abs_probability_delta"] < 1e-3, row
