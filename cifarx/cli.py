@@ -526,6 +526,29 @@ def predict(model_file, images, top_k, provider, as_json):
         console.print(f"{result['image']}: {ranked}", highlight=False)
 
 
+# ---------------------------------------------------------------------------------------------- report
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="folder for the site (index.html + assets)")
+@click.option("--evals", "evals", multiple=True, type=click.Path(),
+              help="`cifarx eval --json` result(s): per-class accuracy, confusion matrix, latency columns")
+@click.option("--samples", type=click.Path(), help="images (or class subfolders of images) the page classifies on load")
+@click.option("--samples-per-class", type=click.IntRange(1), help="at most this many images per subfolder of --samples")
+@click.option("--ort-web", type=click.Path(), help="onnxruntime-web's dist folder (default: the `npm ci --prefix "
+              "cifarx/web` install)")
+def report(inputs, output, evals, samples, samples_per_class, ort_web):
+    """A static site comparing .onnx files (or folders of them), with a live in-browser demo (onnxruntime-web)."""
+    from cifarx.report import build_report
+
+    built = build_report(list(inputs), output, evals=list(evals), samples=samples, samples_per_class=samples_per_class,
+                         ort_web=ort_web)
+    console.print(f"wrote {escape(built['index'])}: {built['models']} files, {built['exports']} cifarx exports, "
+                  f"{built['samples']} sample images; serve it with `python -m http.server -d {escape(built['site'])}` "
+                  "for the live demo", highlight=False)
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 
