@@ -159,10 +159,11 @@ def _open_opencv(path: Path, threads: int | None):
 OPENERS = {"openvino": _open_openvino, "opencv": _open_opencv}
 
 
-def _measure_here(opener, runtime: str, path: Path, images: np.ndarray, batch_sizes: list[int], threads: int | None,
-                  warmup: int, repeats: int, dtype) -> dict:
+def _measure_here(opener, runtime: str, path: str, images: np.ndarray, batch_sizes: list[int], threads: int | None,
+                  warmup: int, repeats: int, dtype: str) -> dict:
     """Outputs on `images` and latency per batch size on one foreign runtime (`opener` loads the file), here."""
-    run, device = opener(path, threads)
+    run, device = opener(Path(path), threads)
+    dtype = np.dtype(dtype).type
     logits, probabilities = batched_outputs(run, images, dtype)
     latency = {}
     for batch_size in batch_sizes:
@@ -172,21 +173,41 @@ def _measure_here(opener, runtime: str, path: Path, images: np.ndarray, batch_si
             "logits": logits, "probabilities": probabilities, "latency": latency}
 
 
+def _pack(arrays: dict[str, np.ndarray], fields: dict) -> bytes:
+    """Arrays plus a JSON dict as one .npz, the child channel's format both ways (numbers only, never pickles)."""
+    import io
+    import json
+
+    buffer = io.BytesIO()
+    np.savez(buffer, fields=np.array(json.dumps(fields)), **arrays)
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    import io
+    import json
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files if name != "fields"}, json.loads(str(archive["fields"]))
+
+
 def serve_child() -> None:
-    """The child's side of `measure_in_child`: a pickled (opener, arguments) on stdin, a pickled result on stdout."""
+    """The child's side of `measure_in_child`: the request (.npz) on stdin, the result (.npz) on stdout."""
+    import importlib
     import os
-    import pickle
     import sys
 
     answer = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # whatever the runtime prints goes to stderr, never into the pickled answer
-    opener, args = pickle.load(sys.stdin.buffer)
+    os.dup2(2, 1)  # whatever the runtime prints goes to stderr, never into the answer
+    arrays, request = _unpack(sys.stdin.buffer.read())
+    module, name = request.pop("opener").split(":")
     try:
-        result = _measure_here(opener, *args)
+        measured = _measure_here(getattr(importlib.import_module(module), name), images=arrays["images"], **request)
+        result = ({"logits": measured.pop("logits"), "probabilities": measured.pop("probabilities")}, measured)
     except Exception as error:  # the runtime's own error, as one line for the row
         text = str(error).strip()
-        result = {"failed": text.splitlines()[-1] if text else type(error).__name__}
-    pickle.dump(result, answer)
+        result = ({}, {"failed": text.splitlines()[-1] if text else type(error).__name__})
+    answer.write(_pack(*result))
     answer.close()
 
 
@@ -208,7 +229,6 @@ def measure_in_child(runtime: str, path: str | Path, images: np.ndarray, batch_s
                      timeout: float = CHILD_TIMEOUT_S) -> dict:
     """`_measure_here` in a fresh child process; a crash, a hang or a runtime error gives `{"failed": why}`."""
     import os
-    import pickle
     import subprocess
     import sys
 
@@ -218,21 +238,28 @@ def measure_in_child(runtime: str, path: str | Path, images: np.ndarray, batch_s
     # A fresh interpreter, not multiprocessing: nothing of the parent's threads or sessions is copied, and the
     # caller's main script is not re-imported (multiprocessing's spawn would run an unguarded script again).
     search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)  # the same cifarx, and the opener's module
-    payload = pickle.dumps((OPENERS[runtime], (runtime, Path(path), images, list(batch_sizes), threads, warmup, repeats, dtype)))
+    opener = OPENERS[runtime]
+    request = {"opener": f"{opener.__module__}:{opener.__qualname__}", "runtime": runtime, "path": str(path),
+               "batch_sizes": list(batch_sizes), "threads": threads, "warmup": warmup, "repeats": repeats,
+               "dtype": np.dtype(dtype).name}
     child = subprocess.Popen([sys.executable, "-c", "from cifarx.runtimes import serve_child; serve_child()"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              env={**os.environ, "PYTHONPATH": search_path})
     try:
-        answer, _ = child.communicate(payload, timeout=timeout)
+        answer, _ = child.communicate(_pack({"images": images}, request), timeout=timeout)
         code = child.returncode
     except subprocess.TimeoutExpired:
         child.kill()
         child.communicate()
         answer, code = b"", None
-    try:
-        result = pickle.loads(answer) if code == 0 else {"failed": describe_exit(code, timeout)}
-    except (pickle.UnpicklingError, EOFError):
-        result = {"failed": "gave an unreadable answer"}
+    if code != 0:
+        result = {"failed": describe_exit(code, timeout)}
+    else:
+        try:
+            arrays, result = _unpack(answer)
+        except (OSError, ValueError, KeyError):
+            arrays, result = {}, {"failed": "gave an unreadable answer"}
+        result.update(arrays)
     if "failed" in result:
         result.update({"runtime": runtime, "version": version(runtime)})
     return result
