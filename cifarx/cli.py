@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from cifarx.config import SSL_METHODS
 from cifarx.errors import CifarxError, TrainingInterrupted
+from cifarx.runtimes import PROVIDERS, REFERENCE, RUNTIMES
 
 console = Console()
 error_console = Console(stderr=True)
@@ -291,7 +292,9 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images,
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--val-size", type=click.IntRange(1), help="for --split val: default is the size recorded in the model")
 @click.option("--seed", type=int, help="for --split val: default is the seed recorded in the model")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--runtime", type=click.Choice(list(RUNTIMES)), default=REFERENCE, show_default=True,
+              help="openvino and opencv run on their CPU device in a child process, checked against ONNX Runtime CPU")
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True, help="ONNX Runtime's")
 @click.option("--device-id", type=int, default=0, show_default=True)
 @click.option("--cudnn-conv-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]))
 @click.option("--batch-sizes", default="1,64", callback=_parse_int_list, show_default=True)
@@ -304,9 +307,11 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images,
               help="run folder or checkpoint the file was exported from: time PyTorch eager on the same inputs too")
 @click.option("--json", "json_path", type=click.Path(), help="write the full result as JSON")
 @click.option("--plots", type=click.Path(), help="folder for the confusion-matrix and latency-vs-batch-size PNGs")
-def eval_(model_file, data, data_root, split, val_size, seed, provider, device_id, cudnn_conv_algo_search, batch_sizes,
-          threads, graph_optimization, warmup, repeats, compare_torch, json_path, plots):
-    """Accuracy, per-class accuracy and latency of an ONNX file on an ONNX Runtime provider."""
+def eval_(model_file, data, data_root, split, val_size, seed, runtime, provider, device_id, cudnn_conv_algo_search,
+          batch_sizes, threads, graph_optimization, warmup, repeats, compare_torch, json_path, plots):
+    """Accuracy, per-class accuracy and latency of an ONNX file on a runtime (ONNX Runtime, OpenVINO, OpenCV)."""
+    from pathlib import Path
+
     _quiet_onnxruntime()
     from rich.table import Table
     from rich.text import Text
@@ -320,7 +325,13 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
     result = evaluate_onnx(model_file, data=data, split=split, provider=provider, batch_sizes=batch_sizes,
                            threads=threads, graph_optimization=graph_optimization, warmup=warmup, repeats=repeats,
                            device_id=device_id, data_root=data_root, val_size=val_size, seed=seed,
-                           cudnn_conv_algo_search=cudnn_conv_algo_search, compare_torch=compare_torch)
+                           cudnn_conv_algo_search=cudnn_conv_algo_search, compare_torch=compare_torch, runtime=runtime)
+    if "failed" in result:  # the runtime crashed or refused the file in its child process: a result, not a cifarx bug
+        if json_path:
+            atomic_write_json(json_path, result)
+        console.print(f"[red]failed[/] on {result['runtime']} {result['runtime_version']}: "
+                      f"{escape(result['failed'])}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     if "accuracy" in result:
         console.print(f"{split} accuracy on {result['images']} images: [bold]{result['accuracy']:.2%}[/]", highlight=False)
         table = Table(title="per-class accuracy")
@@ -329,16 +340,20 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
         for name, value in result["per_class"].items():
             table.add_row(Text(name), f"{value:.2%}")  # a class name is text, even "[bold]x"
         console.print(table)
-    table = Table(title=f"latency on {result['provider']}")
+    table = Table(title=escape(f"latency on {result['runtime']} {result['runtime_version']}, {result['device']}"))
     for column in ("runtime", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
         table.add_column(column, justify="right")
-    for runtime, key in (("onnxruntime", "latency"), ("torch eager", "torch_latency")):
+    for runtime, key in ((result["runtime"], "latency"), ("torch eager", "torch_latency")):
         sweep = result.get(f"{key}_by_threads") or ({str(result["threads"] or "default"): result[key]} if key in result else {})
         for threads_used, by_batch in sweep.items():
             for batch, stats in by_batch.items():
                 table.add_row(runtime, threads_used, batch, f"{stats['p50_ms']:.3f}", f"{stats['p90_ms']:.3f}",
                               f"{stats['p99_ms']:.3f}", f"{stats['images_per_s']:.0f}")
     console.print(table)
+    if "agreement" in result:
+        agreed = result["agreement"]
+        console.print(f"agreement with ONNX Runtime CPU on {agreed['images']} images: top-1 {agreed['top1_agreement']:.2%}, "
+                      f"max |delta probability| {agreed['max_abs_probability_delta']:.2e}", highlight=False)
     if "parity" in result:
         parity = result["parity"]
         console.print(f"parity with PyTorch on {parity['images']} images: top-1 agreement {parity['top1_agreement']:.2%}, "
@@ -356,6 +371,73 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
         console.print(f"wrote {escape(json_path)}", highlight=False)
 
 
+# ---------------------------------------------------------------------------------------------- compare
+
+
+@cli.command()
+@click.argument("model_files", nargs=-1, required=True, type=click.Path())
+@click.option("--runtimes", "runtime_list", default=",".join(RUNTIMES), show_default=True,
+              help="comma list; each model runs on each (OpenVINO and OpenCV in a child process)")
+@click.option("--batch-sizes", default="1,256", callback=_parse_int_list, show_default=True)
+@click.option("--data", help="image folder or 'cifar10': accuracy on --split too; without it, random pixels")
+@click.option("--data-root")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--images", "image_count", type=click.IntRange(1), default=1000, show_default=True,
+              help="images (a fixed sample of --split) that accuracy and agreement are measured on")
+@click.option("--threads", type=click.IntRange(1), help="intra-op threads for every runtime (default: each runtime's own)")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--json", "json_path", type=click.Path(), help="write the matrix as JSON")
+@click.option("--png", "png_path", type=click.Path(), help="write latency and throughput per runtime and batch size")
+def compare(model_files, runtime_list, batch_sizes, data, data_root, split, image_count, threads, warmup, repeats,
+            json_path, png_path):
+    """Models x runtimes: does each file load, agree with ONNX Runtime CPU, and how fast does it run."""
+    _quiet_onnxruntime()
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from cifarx.compare import compare_runtimes, save_compare_png
+    from cifarx.io import atomic_write_json, check_writable
+    from cifarx.runtimes import parse_runtimes
+
+    runtimes = parse_runtimes(runtime_list)
+    for target in (json_path, png_path):
+        if target:
+            check_writable(target)
+    result = compare_runtimes(list(model_files), runtimes, batch_sizes=batch_sizes, data=data, split=split,
+                              image_count=image_count, data_root=data_root, threads=threads, warmup=warmup,
+                              repeats=repeats)
+    table = Table(title=escape(f"{result['environment']['cpu']}, {threads or 'default'} threads"))
+    for column in ("model", "runtime", "accuracy", "top-1 agree", "max |Δp|"):
+        table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
+    for batch in batch_sizes:
+        table.add_column(f"b{batch} p50 ms", justify="right")
+        table.add_column(f"b{batch} img/s", justify="right")
+    table.add_column("status")
+    for row in result["rows"]:
+        cells = [escape(f"{Path(row['model']).name} {row['precision']}"), f"{row['runtime']} {row.get('version') or ''}"]
+        if row["status"] == "ok":
+            cells += [f"{row['accuracy']:.2%}" if "accuracy" in row else "-",
+                      f"{row['agreement']['top1_agreement']:.2%}", f"{row['agreement']['max_abs_probability_delta']:.1e}"]
+            for batch in batch_sizes:
+                stats = row["latency"][str(batch)]
+                cells += [f"{stats['p50_ms']:.2f}", f"{stats['images_per_s']:.0f}"]
+            cells.append("ok")
+        else:
+            cells += [""] * (3 + 2 * len(batch_sizes)) + [f"[red]{escape(row['status'])}[/]"]
+        table.add_row(*cells)
+    console.print(table)
+    for device in dict.fromkeys(f"{row['runtime']}: {row['device']}" for row in result["rows"] if row.get("device")):
+        console.print(f"  {escape(device)}", highlight=False)
+    if png_path:
+        save_compare_png(result, png_path)
+        console.print(f"wrote {png_path}", highlight=False)
+    if json_path:
+        atomic_write_json(json_path, result)
+        console.print(f"wrote {json_path}", highlight=False)
+
+
 # ---------------------------------------------------------------------------------------------- quantize
 
 
@@ -367,10 +449,11 @@ def eval_(model_file, data, data_root, split, val_size, seed, provider, device_i
 @click.option("--calibration-images", type=click.IntRange(1), default=512, show_default=True,
               help="training images (outside the model's validation split) the activation ranges are measured on")
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
-@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
-              help="uint8 activations with int8 weights (U8S8) is ONNX Runtime's choice for x86 CPUs")
+@click.option("--activation-type", type=click.Choice(["auto", "uint8", "int8"]), default="auto", show_default=True,
+              help="auto: what this CPU's int8 instructions need (uint8 = U8S8 on x86, int8 = S8S8 elsewhere)")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="one weight scale per output channel")
-@click.option("--reduce-range", is_flag=True, help="7-bit weights, for x86 CPUs without VNNI")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="7-bit weights; default: on for x86 CPUs with AVX2/AVX-512 but no VNNI, off otherwise")
 @click.option("--keep-ends-fp32/--quantize-ends", default=True, show_default=True,
               help="leave the first convolution and the classifier in float32")
 @click.option("--compare/--no-compare", default=True, show_default=True,
@@ -400,6 +483,10 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
                            data_root=data_root, compare_split=split if compare else None)
     console.print(f"wrote {escape(report['output'])} ({report['bytes'] / 1e6:.2f} MB, from {report['source_bytes'] / 1e6:.2f} MB); "
                   f"calibrated on {report['calibration_images']} images ({calibration_method})", highlight=False)
+    advice = report["advice_for_this_cpu"]
+    console.print(f"int8 instructions of this CPU: {report['cpu_int8_isa'] or 'none found'}; activations "
+                  f"{report['activations']} ({report['chosen_by']['activations']}), reduce_range {report['reduce_range']} "
+                  f"({report['chosen_by']['reduce_range']}); this CPU's advice: {advice['why']}", highlight=False)
     result = {"quantization": report}
     if compare:
         comparison = compare_int8(model_file, output, data=data, split=split, batch_sizes=batch_sizes, threads=threads,
@@ -417,6 +504,20 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
                 cells += [f"{stats['p50_ms']:.3f}", f"{stats['images_per_s']:.0f}"]
             table.add_row(name, *cells)
         console.print(table)
+        profiles = comparison["op_profile"]
+        table = Table(title=f"ONNX Runtime profile at batch {profiles['int8']['batch_size']}: nodes and share of node time "
+                            f"per op type (int8 file: {profiles['int8']['int8_share']:.0%} of its time in int8 kernels)")
+        for column in ("op type", "computes in", "fp32 nodes", "fp32 time", "int8 nodes", "int8 time"):
+            table.add_column(column, justify="left" if column in ("op type", "computes in") else "right",
+                             no_wrap=column == "op type")
+        keys = list(dict.fromkeys((op["op_type"], op["precision"]) for name in ("int8", "fp32") for op in profiles[name]["ops"]))
+        for op_type, precision in keys:
+            cells = [op_type, precision]
+            for name in ("fp32", "int8"):
+                op = next((op for op in profiles[name]["ops"] if (op["op_type"], op["precision"]) == (op_type, precision)), None)
+                cells += [str(op["nodes"]), f"{op['share']:.1%}"] if op else ["", ""]
+            table.add_row(*cells)
+        console.print(table)
         speedups = ", ".join(f"{s:.2f}x at batch {b}" for b, s in comparison["speedup"].items())
         console.print(f"int8: {0.0 - comparison['accuracy_drop_points']:+.2f} accuracy points, top-1 agreement with fp32 "
                       f"{comparison['agreement']['top1_agreement']:.2%}, throughput {speedups}", highlight=False)
@@ -432,7 +533,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
 @click.argument("model_file", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=int, default=3, show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def predict(model_file, images, top_k, provider, as_json):
     """Top-k classes of image files, or of every image in a folder (no torch needed: onnxruntime, numpy, Pillow)."""

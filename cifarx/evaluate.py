@@ -8,7 +8,6 @@ figures are the model's, not host copies'.
 from __future__ import annotations
 
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,8 @@ import numpy as np
 from cifarx import data as datamod
 from cifarx.errors import CifarxError
 from cifarx.onnxfile import create_session, model_info, recorded_val_split
+from cifarx.runtimes import (PROVIDERS, REFERENCE, agreement, batched_outputs, float_batch, is_gpu, latency_stats,
+                             measure_in_child, require, timed_runs, torch_device)
 
 
 def load_eval_images(data: str, split: str, info: dict, data_root: str | None = None,
@@ -73,7 +74,7 @@ def measure_latency(session, info: dict, images: np.ndarray, batch_sizes: list[i
     results = {}
     for batch_size in batch_sizes:
         batch = float_batch(images, batch_size, dtype)
-        if provider in ("cuda", "tensorrt"):
+        if is_gpu(provider):
             binding = session.io_binding()
             binding.bind_ortvalue_input(info["input_name"], ort.OrtValue.ortvalue_from_numpy(batch, "cuda", device_id))
             for name in info["output_names"]:
@@ -90,24 +91,6 @@ def measure_latency(session, info: dict, images: np.ndarray, batch_sizes: list[i
 
         results[str(batch_size)] = latency_stats(timed_runs(run, warmup, repeats), batch_size)
     return results
-
-
-def float_batch(images: np.ndarray, batch_size: int, dtype=np.float32) -> np.ndarray:
-    """`batch_size` of the uint8 images (cycled if there are fewer) as contiguous floats in [0,1]."""
-    index = np.arange(batch_size) % len(images)
-    return np.ascontiguousarray(images[index].astype(dtype) / dtype(255))
-
-
-def timed_runs(run, warmup: int, repeats: int) -> np.ndarray:
-    """Seconds taken by each of `repeats` calls of `run()`, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        run()
-    times = np.empty(repeats)
-    for i in range(repeats):
-        start = time.perf_counter()
-        run()
-        times[i] = time.perf_counter() - start
-    return times
 
 
 def measure_torch_latency(model, images: np.ndarray, batch_sizes: list[int], warmup: int = 5, repeats: int = 30,
@@ -166,12 +149,6 @@ def load_torch_reference(run: str | Path, info: dict):
     return TestTimeAugmentation(model, tta).eval() if tta != "none" else model
 
 
-def latency_stats(seconds: np.ndarray, batch_size: int) -> dict:
-    p50, p90, p99 = np.percentile(seconds, [50, 90, 99]) * 1000
-    return {"p50_ms": round(float(p50), 4), "p90_ms": round(float(p90), 4), "p99_ms": round(float(p99), 4),
-            "images_per_s": round(batch_size / float(np.median(seconds)), 1), "runs": len(seconds)}
-
-
 def environment(session=None, device_id: int = 0) -> dict:
     """Where the numbers were measured: CPU, cores, ONNX Runtime version, available and active providers (and GPU)."""
     import os
@@ -190,7 +167,7 @@ def environment(session=None, device_id: int = 0) -> dict:
            "providers_available": ort.get_available_providers(), "python": platform.python_version()}
     if session is not None:
         env["providers_active"] = session.get_providers()
-        if env["providers_active"][0] != "CPUExecutionProvider":
+        if env["providers_active"][0] != PROVIDERS["cpu"]:
             env["gpu"] = gpu_environment(device_id)
     return env
 
@@ -239,8 +216,10 @@ def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "tes
                   batch_sizes: list[int] = (1, 64), threads: int | list[int] | None = None, graph_optimization: str = "all",
                   warmup: int = 5, repeats: int = 30, device_id: int = 0, data_root: str | None = None,
                   val_size: int | None = None, seed: int | None = None, cudnn_conv_algo_search: str | None = None,
-                  compare_torch: str | Path | None = None, parity_images: int = 1024) -> dict:
+                  compare_torch: str | Path | None = None, parity_images: int = 1024, runtime: str = REFERENCE) -> dict:
     """Accuracy (when `data` is given) and latency of an ONNX file on one provider; a JSON-ready dict.
+
+    Another `runtime` than ONNX Runtime goes to `evaluate_on_runtime` (its CPU device, one thread count).
 
     `threads` may list several intra-op thread counts: `latency` is measured at the first, `latency_by_threads` at
     each. `compare_torch` (the run folder or checkpoint that was exported) adds PyTorch eager on the same batches
@@ -248,6 +227,14 @@ def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "tes
     """
     check_batch_sizes_fit(batch_sizes)
     thread_counts = list(dict.fromkeys([threads] if threads is None or isinstance(threads, int) else threads))
+    if runtime != REFERENCE:
+        require(runtime)
+        if provider != "cpu" or compare_torch is not None or len(thread_counts) > 1 or graph_optimization != "all":
+            raise CifarxError(f"--provider, --compare-torch, --graph-optimization and a --threads list are ONNX Runtime's; "
+                              f"{runtime} runs on its CPU device at one thread count")
+        return evaluate_on_runtime(model_path, runtime, data=data, split=split, batch_sizes=batch_sizes,
+                                   threads=thread_counts[0], warmup=warmup, repeats=repeats, data_root=data_root,
+                                   val_size=val_size, seed=seed)
     if compare_torch is not None and thread_counts == [None]:
         import torch
 
@@ -262,18 +249,14 @@ def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "tes
     info = model_info(session)
     result: dict = {"model": str(model_path), "provider": session.get_providers()[0], "class_names": info["class_names"]}
     logits = None
-    if data is not None:
-        image_set = load_eval_images(data, split, info, data_root, val_size, seed)
-        to_model = datamod.class_index(info["class_names"], image_set.class_names).numpy()
-        images = image_set.images.numpy()
+    images, labels = eval_images(info, data, split, list(batch_sizes), data_root, val_size, seed)
+    if labels is not None:
         logits = predict_logits(session, info, images)
         broken = int((~np.isfinite(logits).all(axis=1)).sum())
         if broken:  # argmax of NaN logits is class 0: that would be scored as 1/classes accuracy
             raise CifarxError(f"{model_path} gave non-finite outputs (NaN or inf) for {broken} of {len(images)} images")
         result.update({"split": split, "images": len(images)})
-        result.update(score(logits, to_model[image_set.labels.numpy()], info["class_names"]))
-    else:
-        images = np.random.default_rng(0).integers(0, 256, size=(max(batch_sizes), 3, 32, 32), dtype=np.uint8)
+        result.update(score(logits, labels, info["class_names"]))
     latency_by_threads = {}
     for count in thread_counts:
         timed = session if count == thread_counts[0] else open_session(count)
@@ -287,8 +270,73 @@ def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "tes
         result.update(compare_with_torch(compare_torch, info, parity_set, onnx_logits, images, list(batch_sizes),
                                          thread_counts, provider, warmup, repeats, device_id))
     result["environment"] = environment(session, device_id)
+    result.update(runtime=REFERENCE, runtime_version=result["environment"]["onnxruntime"],
+                  device=f"{result['provider']} ({result['environment'].get('gpu', {}).get('name') or result['environment']['cpu']})")
     result["graph_optimization"] = graph_optimization
     result["threads"] = thread_counts[0]
+    return result
+
+
+def eval_images(info: dict, data: str | None, split: str, batch_sizes: list[int], data_root: str | None = None,
+                val_size: int | None = None, seed: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 images and labels (as the model's class indices) to measure on; random pixels and no labels without data."""
+    if data is None:
+        count = max(64, *batch_sizes)  # enough random images that agreement between runtimes means something
+        return np.random.default_rng(0).integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8), None
+    image_set = load_eval_images(data, split, info, data_root, val_size, seed)
+    to_model = datamod.class_index(info["class_names"], image_set.class_names).numpy()
+    return image_set.images.numpy(), to_model[image_set.labels.numpy()]
+
+
+def reference_outputs(session, info: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities) of ONNX Runtime on `images`: the reference every other runtime is compared with."""
+    dtype = np.float16 if info["input_dtype"] == "float16" else np.float32
+    return batched_outputs(lambda batch: session.run(info["output_names"], {info["input_name"]: batch}), images, dtype)
+
+
+def measure_runtime(runtime: str, model_path: str | Path, session, info: dict, images: np.ndarray,
+                    reference: tuple[np.ndarray, np.ndarray], batch_sizes: list[int], threads: int | None = None,
+                    warmup: int = 5, repeats: int = 30) -> dict:
+    """One runtime on one file: version, device, agreement with `reference` (ORT CPU's outputs) and latency.
+
+    ONNX Runtime runs here on `session` (it is the reference); the others in a child process, whose crash gives
+    `{"failed": "killed by signal 11 (SIGSEGV)", ...}`. `logits` is included for scoring (not JSON-ready)."""
+    if runtime == REFERENCE:
+        env = environment(session)
+        measured = {"runtime": runtime, "version": env["onnxruntime"], "threads": threads,
+                    "device": f"{session.get_providers()[0]} ({env['cpu']})", "logits": reference[0],
+                    "probabilities": reference[1],
+                    "latency": measure_latency(session, info, images, batch_sizes, "cpu", warmup, repeats)}
+    else:
+        dtype = np.float16 if info["input_dtype"] == "float16" else np.float32
+        measured = measure_in_child(runtime, model_path, images, batch_sizes, threads=threads, warmup=warmup,
+                                    repeats=repeats, dtype=dtype)
+        if "failed" in measured:
+            return measured
+    measured["agreement"] = agreement(reference, (measured["logits"], measured.pop("probabilities")))
+    return measured
+
+
+def evaluate_on_runtime(model_path: str | Path, runtime: str, *, data: str | None, split: str = "test",
+                        batch_sizes: list[int] = (1, 64), threads: int | None = None, warmup: int = 5, repeats: int = 30,
+                        data_root: str | None = None, val_size: int | None = None, seed: int | None = None) -> dict:
+    """`evaluate_onnx` on OpenVINO or OpenCV (in a child process), with agreement with ONNX Runtime CPU; a failed
+    (crashed) runtime gives a result with `failed` and no figures."""
+    session = create_session(model_path, "cpu", threads=threads)
+    info = model_info(session)
+    images, labels = eval_images(info, data, split, list(batch_sizes), data_root, val_size, seed)
+    measured = measure_runtime(runtime, model_path, session, info, images, reference_outputs(session, info, images),
+                               list(batch_sizes), threads, warmup, repeats)
+    result = {"model": str(model_path), "runtime": runtime, "runtime_version": measured["version"],
+              "device": measured.get("device"), "class_names": info["class_names"], "threads": threads}
+    if "failed" in measured:
+        result["failed"] = measured["failed"]
+    else:
+        if labels is not None:
+            result.update({"split": split, "images": len(images)})
+            result.update(score(measured["logits"], labels, info["class_names"]))
+        result.update(latency=measured["latency"], agreement=measured["agreement"])
+    result["environment"] = environment(session)
     return result
 
 
@@ -299,7 +347,7 @@ def compare_with_torch(run: str | Path, info: dict, parity_set: np.ndarray, onnx
     import torch
 
     model = load_torch_reference(run, info)
-    device = "cpu" if provider == "cpu" else f"cuda:{device_id}"
+    device = torch_device(provider, device_id)
     if device != "cpu" and not torch.cuda.is_available():
         raise CifarxError(f"--compare-torch on {provider} needs PyTorch with CUDA; this PyTorch has no usable GPU")
     previous = torch.get_num_threads()
@@ -331,7 +379,9 @@ def save_latency_png(result: dict, path: str | Path) -> None:
     from cifarx.io import atomic_savefig
 
     series = []
-    for runtime, key, label in (("onnx", "latency", f"ONNX Runtime {result['provider'].removesuffix('ExecutionProvider')}"),
+    name = (f"ONNX Runtime {result['provider'].removesuffix('ExecutionProvider')}" if "provider" in result
+            else f"{result['runtime']} {result['runtime_version']}")
+    for runtime, key, label in (("onnx", "latency", name),
                                 ("torch", "torch_latency", "PyTorch eager")):
         if key in result:
             by_threads = result.get(f"{key}_by_threads") or {str(result.get("threads")): result[key]}

@@ -17,6 +17,8 @@ from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_path, check_writable
 from cifarx.models.common import TestTimeAugmentation, preprocessing_of
+from cifarx.portable import make_portable
+from cifarx.runtimes import PROVIDERS
 
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter writes natively; ORT >= 1.14 runs it
 
@@ -63,7 +65,7 @@ def check_parity(onnx_path: Path, torch_model: nn.Module, images: torch.Tensor, 
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(onnx_path), providers=[PROVIDERS["cpu"]])
     except Exception as error:  # e.g. an opset newer than this ONNX Runtime knows
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CifarxError(f"ONNX Runtime cannot load the exported graph: {message}; no file written") from None
@@ -160,6 +162,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
                 output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
             )
         onnx_model = program.model_proto
+        make_portable(onnx_model)  # the same numbers in a form every runtime runs right (OpenCV 5.0, see portable.py)
         if fp16:
             from onnxconverter_common import float16
 

@@ -11,12 +11,7 @@ import json
 from pathlib import Path
 
 from cifarx.errors import CifarxError
-
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+from cifarx.runtimes import PROVIDERS
 # "layout" (NCHWc and other layout rewrites) is a level of its own only in recent ONNX Runtime releases.
 GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "layout", "all")
 CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")  # ORT's default is EXHAUSTIVE
@@ -98,7 +93,7 @@ def create_session(path: str | Path, provider: str = "cpu", *, threads: int | No
     if provider == "cuda":
         providers = [(wanted, cuda_options)]
     elif provider == "tensorrt":  # TensorRT hands the nodes it cannot build to CUDA, which gets the same device
-        providers = [(wanted, {"device_id": device_id}), ("CUDAExecutionProvider", cuda_options)]
+        providers = [(wanted, {"device_id": device_id}), (PROVIDERS["cuda"], cuda_options)]
     else:
         providers = [(wanted, {})]
     try:

@@ -9,6 +9,7 @@ import numpy as np
 from cifarx.errors import CifarxError
 from cifarx.images import decode_image
 from cifarx.onnxfile import create_session, model_info
+from cifarx.runtimes import softmax
 
 
 def load_images(paths: list[str | Path], size: int = 32) -> np.ndarray:
@@ -43,11 +44,6 @@ def image_files(paths: list[str | Path]) -> list[Path]:
             raise CifarxError(f"no image files under {path}")
         files += found
     return files
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def predict(model_path: str | Path, image_paths: list[str | Path], top_k: int = 3, provider: str = "cpu") -> list[dict]:

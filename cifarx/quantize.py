@@ -21,9 +21,10 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 
 from cifarx import data as datamod
 from cifarx.errors import CifarxError
-from cifarx.evaluate import environment, float_batch, load_eval_images, logit_parity, measure_latency, predict_logits, score
+from cifarx.evaluate import environment, load_eval_images, logit_parity, measure_latency, predict_logits, score
 from cifarx.io import atomic_path
 from cifarx.onnxfile import create_session, model_info, recorded_val_split
+from cifarx.runtimes import PROVIDERS, float_batch
 
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
@@ -69,6 +70,39 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
                  "DynamicQuantizeLinear"}
 
 
+# The CPU's int8 dot-product instructions, best first, by their /proc/cpuinfo flag.
+INT8_ISA = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "avx512bw": "AVX-512", "avx2": "AVX2"}
+
+
+def cpu_int8_isa(cpuinfo: str | None = None) -> str | None:
+    """The best int8 instruction set this CPU has (a key of INT8_ISA), from /proc/cpuinfo's flags; None if unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return next((isa for isa in INT8_ISA if isa in flags), None)
+
+
+def int8_types_for(isa: str | None) -> tuple[str, bool, str]:
+    """(activation type, reduce_range, why) for a CPU, as ONNX Runtime's quantisation docs advise.
+
+    x86 runs U8S8 (uint8 activations, int8 weights). With VNNI (VPDPBUSD) the products accumulate in 32 bits; without
+    it, AVX2/AVX-512 use VPMADDUBSW, whose 16-bit pair sums can saturate, so weights get 7 bits (reduce_range). An
+    unknown CPU (ARM...) gets ONNX Runtime's default S8S8, which has no such saturation."""
+    if isa in ("avx512_vnni", "avx_vnni"):
+        return "uint8", False, f"{INT8_ISA[isa]}: U8S8 accumulates in 32 bits, no saturation, full 8-bit weights"
+    if isa in ("avx512bw", "avx2"):
+        return "uint8", True, (f"{INT8_ISA[isa]} without VNNI: U8S8 via VPMADDUBSW can saturate its 16-bit sums, "
+                               "so weights use 7 bits (reduce_range)")
+    return "int8", False, "no x86 int8 instruction set found: ONNX Runtime's default S8S8"
+
+
 def end_layers(model: onnx.ModelProto) -> list[str]:
     """Names of every node that uses the first convolution's or the classifier's weights (TTA graphs repeat them).
 
@@ -83,13 +117,20 @@ def end_layers(model: onnx.ModelProto) -> list[str]:
 
 
 def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, calibration_count: int = 512,
-                  calibration_method: str = "minmax", activation_type: str = "uint8", per_channel: bool = True,
-                  reduce_range: bool = False, keep_ends_fp32: bool = True, batch_size: int = 64,
+                  calibration_method: str = "minmax", activation_type: str = "auto", per_channel: bool = True,
+                  reduce_range: bool | None = None, keep_ends_fp32: bool = True, batch_size: int = 64,
                   data_root: str | None = None, seed: int = 0, compare_split: str | None = None) -> dict:
     """Write the int8 QDQ version of a float32 cifarx export to `output` (atomically, metadata carried over).
 
+    `activation_type="auto"` and `reduce_range=None` take what this CPU's int8 instructions need (`int8_types_for`).
     `compare_split`: the split `compare_int8` will score afterwards, loaded here first, so a missing test/ folder
     or a data folder too small for the model's validation split is refused before the int8 file is written."""
+    isa = cpu_int8_isa()
+    auto_type, auto_reduce, why = int8_types_for(isa)
+    chosen_by = {"activations": "cpu" if activation_type == "auto" else "option",
+                 "reduce_range": "cpu" if reduce_range is None else "option"}
+    activation_type = auto_type if activation_type == "auto" else activation_type
+    reduce_range = auto_reduce if reduce_range is None else reduce_range
     model_path, output = Path(model_path), Path(output)
     if output.suffix != ".onnx":
         raise CifarxError(f"output file should end in .onnx: {output}")
@@ -111,7 +152,8 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
         load_eval_images(data, compare_split, info, data_root)
     settings = {"format": "QDQ", "weights": "int8", "activations": activation_type, "per_channel": per_channel,
                 "reduce_range": reduce_range, "keep_ends_fp32": keep_ends_fp32, "op_types": list(WEIGHTED_OPS),
-                "calibration_method": calibration_method,
+                "calibration_method": calibration_method, "cpu_int8_isa": INT8_ISA.get(isa), "chosen_by": chosen_by,
+                "advice_for_this_cpu": {"activations": auto_type, "reduce_range": auto_reduce, "why": why},
                 "calibration_images": len(images), "calibration_data": str(data)}
     with tempfile.TemporaryDirectory() as folder:
         prepared, quantized = Path(folder) / "prepared.onnx", Path(folder) / "int8.onnx"
@@ -140,6 +182,54 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
             "source_bytes": model_path.stat().st_size, **settings}
 
 
+def _precision(event_args: dict) -> str:
+    """What a profiled node computes in, from its first input's and first output's element types."""
+    def is_int8(shapes):
+        return bool(shapes) and next(iter(shapes[0])) in ("int8", "uint8")
+
+    into, out = is_int8(event_args.get("input_type_shape")), is_int8(event_args.get("output_type_shape"))
+    return {(True, True): "int8", (False, True): "float->int8", (True, False): "int8->float"}.get((into, out), "float")
+
+
+def op_profile(path: str | Path, images: np.ndarray, batch_size: int, threads: int | None = None, runs: int = 3) -> dict:
+    """Per (op type, precision) after ONNX Runtime's graph optimisation: node count and share of node run time.
+
+    From ONNX Runtime's own profiler over `runs` runs of one batch (after one untimed run); the op types are the
+    kernels that really ran (QLinearConv, NhwcMaxPool...), so a float island between int8 layers shows up."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        options.log_severity_level = 4
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=[PROVIDERS["cpu"]])
+        info = model_info(session)
+        feed = {info["input_name"]: float_batch(images, batch_size)}
+        for _ in range(1 + runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = [event for event in events if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
+    seen_runs = [event for event in events if event.get("name") == "model_run"][1:]  # the first run is warm-up
+    start = seen_runs[0]["ts"] if seen_runs else 0
+    by_op: dict[tuple[str, str], dict] = {}
+    for event in nodes:
+        if event["ts"] < start:
+            continue
+        key = (event["args"]["op_name"], _precision(event["args"]))
+        entry = by_op.setdefault(key, {"op_type": key[0], "precision": key[1], "nodes": set(), "us": 0})
+        entry["nodes"].add(event["name"])
+        entry["us"] += event["dur"]
+    total = sum(entry["us"] for entry in by_op.values()) or 1
+    ops = sorted(({"op_type": e["op_type"], "precision": e["precision"], "nodes": len(e["nodes"]),
+                   "ms_per_run": round(e["us"] / 1000 / runs, 3), "share": round(e["us"] / total, 4)}
+                  for e in by_op.values()), key=lambda op: -op["share"])
+    return {"batch_size": batch_size, "runs": runs, "ops": ops,
+            "int8_share": round(sum(op["share"] for op in ops if op["precision"] == "int8"), 4)}
+
+
 def compare_int8(fp32_path: str | Path, int8_path: str | Path, *, data: str, split: str = "val",
                  batch_sizes: list[int] = (1, 256), threads: int | None = None, warmup: int = 5, repeats: int = 30,
                  data_root: str | None = None) -> dict:
@@ -166,5 +256,8 @@ def compare_int8(fp32_path: str | Path, int8_path: str | Path, *, data: str, spl
                     for batch, stats in models["fp32"]["latency"].items()},
         "agreement": logit_parity(logits["fp32"], logits["int8"]),
         "quantization": json.loads(infos["int8"]["metadata"].get("quantization", "null")),
+        "op_profile": {name: op_profile(path, images, max(batch_sizes), threads)
+                       for name, path in (("fp32", fp32_path), ("int8", int8_path))},
+        "cpu_int8_isa": INT8_ISA.get(cpu_int8_isa()),
         "environment": environment(sessions["int8"]),
     }

@@ -302,10 +302,16 @@ def _runtimes(models: list[dict]) -> list[str]:
 
 
 def _latencies(result: dict) -> list[tuple[str, dict]]:
-    """(runtime label, {batch: stats}) of one eval result: ONNX Runtime on its provider, and PyTorch eager if timed."""
+    """(runtime label, {batch: stats}) of one eval result: ONNX Runtime on its provider (or the `--runtime` it ran
+    on; none if that runtime failed), and PyTorch eager if timed."""
+    from cifarx.runtimes import REFERENCE
+
+    runtime = result.get("runtime", REFERENCE)
     provider = str(result.get("provider", "?")).removesuffix("ExecutionProvider").lower()
     threads = f", {result['threads']} threads" if result.get("threads") else ""
-    pairs = [(f"onnxruntime {provider}{threads}", result["latency"])]
+    if "latency" not in result:
+        return []
+    pairs = [(f"{runtime} {provider}{threads}" if runtime == REFERENCE else f"{runtime}{threads}", result["latency"])]
     if isinstance(result.get("torch_latency"), dict):
         pairs.append((f"torch eager{threads}", result["torch_latency"]))
     return pairs

@@ -159,3 +159,47 @@ def test_the_first_and_last_layers_stay_float_unless_asked(trained_run, tmp_path
     quantized = [producers.get(node.input[1]) == "DequantizeLinear" for node in weighted]
     assert quantized[1:-1] and all(quantized[1:-1])
     assert (quantized[0], quantized[-1]) == ((False, False) if keep_ends else (True, True))
+
+
+CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\n"
+
+
+@pytest.mark.parametrize("flags, isa, types", [
+    ("avx2 avx512f avx512bw avx512_vnni", "avx512_vnni", ("uint8", False)),
+    ("avx2 avx_vnni", "avx_vnni", ("uint8", False)),
+    ("avx2 avx512f avx512bw", "avx512bw", ("uint8", True)),   # VPMADDUBSW saturates: 7-bit weights
+    ("avx2", "avx2", ("uint8", True)),
+    ("neon asimd", None, ("int8", False)),                    # no x86 int8: ONNX Runtime's default S8S8
+])
+def test_int8_types_follow_the_cpus_int8_instructions(flags, isa, types):
+    from cifarx.quantize import cpu_int8_isa, int8_types_for
+
+    assert cpu_int8_isa(CPUINFO.format(flags=flags)) == isa
+    assert int8_types_for(isa)[:2] == types
+
+
+def test_quantize_says_which_types_it_picked_and_profiles_ops_per_type(trained_run, tmp_path, monkeypatch):
+    import cifarx.quantize as quantize
+
+    monkeypatch.setattr(quantize, "cpu_int8_isa", lambda: "avx2")  # a non-VNNI CPU: reduce_range is chosen for it
+    output, report_path = tmp_path / "m.int8.onnx", tmp_path / "q.json"
+    result = CliRunner().invoke(cli, [
+        "quantize", str(trained_run["onnx"]), "--data", str(trained_run["data"]), "-o", str(output),
+        "--calibration-images", "24", "--batch-sizes", "1,4", "--repeats", "2", "--warmup", "0", "--threads", "1",
+        "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    settings = report["quantization"]
+    assert settings["activations"] == "uint8" and settings["reduce_range"] is True and settings["cpu_int8_isa"] == "AVX2"
+    assert settings["chosen_by"] == {"activations": "cpu", "reduce_range": "cpu"}
+    assert "int8 instructions of this CPU: AVX2" in " ".join(result.output.split())
+    profiles = report["comparison"]["op_profile"]
+    int8_ops = {(op["op_type"], op["precision"]): op for op in profiles["int8"]["ops"]}
+    fp32_ops = {(op["op_type"], op["precision"]): op for op in profiles["fp32"]["ops"]}
+    # simple-cnn: the inner convolutions run as QLinearConv in int8, the first stays a float Conv (ends kept fp32)
+    assert int8_ops[("QLinearConv", "int8")]["nodes"] >= 1 and ("Conv", "float") in int8_ops
+    assert all(precision == "float" for _, precision in fp32_ops)
+    assert sum(op["share"] for op in profiles["int8"]["ops"]) == pytest.approx(1, abs=1e-3)
+    assert profiles["int8"]["int8_share"] == pytest.approx(
+        sum(op["share"] for op in profiles["int8"]["ops"] if op["precision"] == "int8"), abs=1e-3)
+    assert "QLinearConv" in result.output

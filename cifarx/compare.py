@@ -1,0 +1,96 @@
+"""Models x runtimes in one matrix: where a file loads, how close it stays to ONNX Runtime, and how fast it runs.
+
+Every runtime sees the same images and batches; ONNX Runtime CPU's outputs on those images are the reference.
+A runtime that is not installed, refuses the file or crashes on it gives a row saying so, not an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cifarx.evaluate import environment, eval_images, measure_runtime, reference_outputs, score
+from cifarx.onnxfile import create_session, model_info
+from cifarx.runtimes import missing, parse_runtimes
+
+
+def precision(info: dict) -> str:
+    """int8 for a file written by `cifarx quantize`, else its input type (float32 / float16)."""
+    return "int8" if "quantization" in info["metadata"] else info["input_dtype"]
+
+
+def compare_runtimes(model_paths: list[str | Path], runtimes: list[str], *, batch_sizes: list[int] = (1, 256),
+                     data: str | None = None, split: str = "test", image_count: int | None = 1000,
+                     data_root: str | None = None, threads: int | None = None, warmup: int = 5,
+                     repeats: int = 30, images: np.ndarray | None = None) -> dict:
+    """One row per (model, runtime): status, version, device, accuracy on `data`, agreement and latency; JSON-ready.
+
+    `images` (uint8 [N,3,32,32]) replaces `data` for agreement and latency, without labels (no accuracy)."""
+    runtimes = parse_runtimes(",".join(runtimes))
+    sessions = [(Path(path), create_session(path, "cpu", threads=threads)) for path in model_paths]  # all files first
+    rows = []
+    for path, session in sessions:
+        info = model_info(session)
+        measured_on, labels = (images, None) if images is not None else eval_images(info, data, split, list(batch_sizes), data_root)
+        if image_count and len(measured_on) > image_count:  # a fixed sample, the same for every runtime
+            keep = np.sort(np.random.default_rng(0).permutation(len(measured_on))[:image_count])
+            measured_on, labels = measured_on[keep], (labels[keep] if labels is not None else None)
+        reference = reference_outputs(session, info, measured_on)
+        for runtime in runtimes:
+            row = {"model": str(path), "precision": precision(info), "runtime": runtime}
+            not_installed = missing(runtime)
+            if not_installed:
+                rows.append({**row, "status": not_installed})
+                continue
+            measured = measure_runtime(runtime, path, session, info, measured_on, reference, list(batch_sizes), threads,
+                                       warmup, repeats)
+            row.update(version=measured["version"], device=measured.get("device"))
+            if "failed" in measured:
+                rows.append({**row, "status": f"failed: {measured['failed']}"})
+                continue
+            row["status"] = "ok"
+            if labels is not None:
+                row.update(split=split, images=len(measured_on),
+                           accuracy=score(measured["logits"], labels, info["class_names"])["accuracy"])
+            row.update(agreement=measured["agreement"], latency=measured["latency"])
+            rows.append(row)
+    return {"rows": rows, "batch_sizes": list(batch_sizes), "threads": threads, "environment": environment()}
+
+
+def save_compare_png(result: dict, path: str | Path) -> None:
+    """p50 latency and images/s against batch size, one line per (model, runtime), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cifarx.io import atomic_savefig
+
+    figure, (latency_axis, throughput_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
+    runtimes = list(dict.fromkeys(row["runtime"] for row in result["rows"]))
+    models = list(dict.fromkeys((row["model"], row["precision"]) for row in result["rows"]))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            continue
+        batches = sorted(row["latency"], key=int)
+        style = {"color": colours[runtimes.index(row["runtime"]) % len(colours)],
+                 "marker": markers[models.index((row["model"], row["precision"])) % len(markers)],
+                 "label": f"{Path(row['model']).stem} ({row['precision']}) on {row['runtime']}"}
+        latency_axis.plot([int(b) for b in batches], [row["latency"][b]["p50_ms"] for b in batches], **style)
+        throughput_axis.plot([int(b) for b in batches], [row["latency"][b]["images_per_s"] for b in batches], **style)
+    for axis, ylabel in ((latency_axis, "p50 latency per batch (ms)"), (throughput_axis, "images / s")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(result["batch_sizes"])
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_yscale("log")
+        axis.set(xlabel="batch size", ylabel=ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+    throughput_axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    threads = result["threads"] or "default"
+    figure.suptitle(f"{result['environment']['cpu']}, {threads} threads", fontsize=9)
+    figure.tight_layout()
+    atomic_savefig(figure, path)
+    plt.close(figure)
