@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifarx import data as datamod
-from cifarx import distributed
+from cifarx import distributed, self_training
 from cifarx.checkpoint import read_checkpoint, save_checkpoint
 from cifarx.config import TrainConfig
 from cifarx.errors import CifarxError, TrainingInterrupted
@@ -89,6 +89,8 @@ def split_train_val(config: TrainConfig) -> tuple[datamod.ImageSet, datamod.Imag
         # From here on only the labelled subset carries labels; the rest of train is -1 (or left out).
         train_set = datamod.semi_supervised_subset(train_set, config.labelled, config.unlabelled, config.seed + 2,
                                                    config.labelled_per_class)
+    if config.pseudo_labels:  # a self-training student: the teacher's selected predictions label those images
+        train_set = self_training.apply_pseudo_labels(train_set, config.pseudo_labels)
     return train_set, val_set
 
 
@@ -368,6 +370,10 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
 
     Under torchrun every rank calls this: DistributedDataParallel, rank 0 reports and writes (docs/distributed.md).
     """
+    rounds_config = self_training.read_rounds_config(resume) if resume is not None else config
+    if rounds_config is not None and rounds_config.self_training:  # teacher and student runs, each through _train
+        rounds_config.validate()
+        return self_training.train_rounds(rounds_config, reporter or SilentReporter(), resume=resume is not None)
     with distributed.Ranks.from_env() as ranks:
         return _train(config, reporter if ranks.is_main else None, resume, ranks)
 
@@ -431,7 +437,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     if config.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=config.ema_decay)
+        ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup)
     lookahead = Lookahead(model) if config.lookahead_every else None
     objective = make_objective(config.objective, label_smoothing=config.label_smoothing, **config.objective_kwargs)
     state = RunState()
@@ -498,7 +504,8 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 scheduler.step()
                 state.global_step += 1
                 if ema is not None and state.global_step % config.ema_every == 0:
-                    ema.update(model)
+                    # timm's EMA warms up only when told the update count
+                    ema.update(model, step=state.global_step // config.ema_every if config.ema_warmup else None)
                 if lookahead is not None and (state.global_step % config.lookahead_every == 0
                                               or state.global_step == total_steps):
                     progress = state.global_step / total_steps
