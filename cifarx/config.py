@@ -21,7 +21,8 @@ TTA_MODES = ("none", "flip", "flip-translate")
 # q(y|x); the fast network's: self-training rounds and their supervised-only baseline
 SSL_METHODS = {**{name: f"vae-ssl-{name}" for name in ("m1", "m2", "m2-fixmatch", "supervised", "deep-m2-fixmatch",
                                                        "deep-fixmatch", "deep-supervised")},
-               "self-training": "ssl-fast-self-training", "fast-supervised": "ssl-fast-supervised"}
+               "self-training": "ssl-fast-self-training", "fixmatch": "ssl-fast-fixmatch",
+               "fast-supervised": "ssl-fast-supervised"}
 
 
 @dataclass

@@ -439,7 +439,11 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
 
         ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup)
     lookahead = Lookahead(model) if config.lookahead_every else None
-    objective = make_objective(config.objective, label_smoothing=config.label_smoothing, **config.objective_kwargs)
+    objective = make_objective(config.objective, num_classes=len(class_names), label_smoothing=config.label_smoothing,
+                               **config.objective_kwargs)
+    objective_state = objective if isinstance(objective, nn.Module) else None  # e.g. fixmatch's moving averages
+    if objective_state is not None:
+        objective_state.to(device)
     state = RunState()
     if payload is not None:
         saved = payload["train_state"]
@@ -450,6 +454,8 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
             ema.module.load_state_dict(saved["ema"])
         if lookahead is not None:
             lookahead.average = saved["lookahead"]
+        if objective_state is not None:
+            objective_state.load_state_dict(saved["objective"])
         state = RunState(**saved["run"])
         state.partial = {**RunState().partial, **state.partial}  # counters added since the checkpoint was written
         if ranks.is_main:  # a kill between last.pt and metrics.csv left the file one epoch behind
@@ -470,6 +476,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "run": state.__dict__,
                 "lookahead": lookahead.average if lookahead is not None else None,
+                "objective": objective_state.state_dict() if objective_state is not None else None,
             }
         save_checkpoint(
             run_dir / name, model_name=config.model, model_kwargs=model_kwargs, class_names=class_names,

@@ -113,3 +113,59 @@ def test_self_training_without_unlabelled_images_is_refused(image_folder, tmp_pa
     config.unlabelled = 0
     with pytest.raises(CifarxError, match="needs unlabelled images"):
         config.validate()
+
+
+# ---------------------------------------------------------------------------------------------- FixMatch
+
+
+class ConstantImageClassifier(torch.nn.Module):
+    """Logits looked up by an image's (constant) pixel value: crop/flip views of a constant image keep it."""
+
+    def __init__(self, table: dict[float, list[float]]):
+        super().__init__()
+        self.table = table
+
+    def forward(self, images):
+        return torch.tensor([self.table[round(float(v), 2)] for v in images.mean((1, 2, 3))])
+
+
+def test_fixmatch_pseudo_labels_below_their_class_threshold_contribute_nothing():
+    from cifarx.objectives import make_objective
+
+    objective = make_objective("fixmatch", num_classes=2, threshold=0.9, adaptive=False, align=False, cutout=0)
+    sure, unsure = [4.0, 0.0], [0.0, 1.0]  # softmax 0.98 for class 0; 0.73 for class 1 (below 0.9)
+    model = ConstantImageClassifier({0.1: [0.0, 0.0], 0.2: sure, 0.3: unsure})
+    images = torch.stack([torch.full((3, 32, 32), v) for v in (0.1, 0.2, 0.3)])
+    out = objective(model, images, torch.tensor([0, -1, -1]))
+    expected = torch.nn.functional.cross_entropy(torch.tensor([sure]), torch.tensor([0])) / 2  # the unsure row adds 0
+    assert out["confident_share"] == 0.5
+    assert out["consistency"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_fixmatch_class_thresholds_rise_as_the_model_grows_confident_in_a_class():
+    from cifarx.objectives import make_objective
+
+    objective = make_objective("fixmatch", num_classes=3, threshold=0.95, momentum=0.5, align=False, cutout=0)
+    assert objective.class_thresholds().tolist() == [0.0, 0.0, 0.0]  # FlexMatch's warm-up: nothing learnt yet
+    model = ConstantImageClassifier({0.1: [0.0, 0.0, 0.0], 0.5: [8.0, 0.0, 0.0]})
+    images = torch.stack([torch.full((3, 32, 32), v) for v in (0.1, 0.5, 0.5, 0.5)])
+    history = []
+    for _ in range(4):
+        objective(model, images, torch.tensor([0, -1, -1, -1]))
+        history.append(objective.class_thresholds())
+    class_0 = [float(t[0]) for t in history]
+    assert class_0 == sorted(class_0) and class_0[0] > 0 and class_0[-1] > 0.9
+    assert all(float(t[1]) == 0 and float(t[2]) == 0 for t in history), "classes never predicted stay open"
+
+
+def test_fixmatch_state_is_saved_in_last_pt_for_resume(image_folder, tmp_path):
+    from cifarx.checkpoint import read_checkpoint
+    from cifarx.train import train
+
+    config = make_train_config("ssl-fast-fixmatch", data=str(image_folder), val_size=16, labelled=24, epochs=2,
+                               batch_size=32, out=str(tmp_path / "run"), tta="none")
+    config.model, config.lookahead_every = "simple-cnn", 0
+    train(config)
+    saved = read_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["objective"]
+    assert set(saved) == {"confident_share", "unconfident_share", "prediction_mean"}
+    assert not torch.equal(saved["prediction_mean"], torch.full((4,), 0.25)), "the averages moved during training"
