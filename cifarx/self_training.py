@@ -66,11 +66,12 @@ def settings_of(config: TrainConfig) -> dict:
 
 @torch.no_grad()
 def teacher_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: str, batch_size: int,
-                          device: torch.device) -> torch.Tensor:
+                          device: torch.device, channels_last: bool = True) -> torch.Tensor:
     """[N, classes] softmax of `model` on uint8 `images`, averaged over the TTA views; batch-wise."""
-    model.eval().to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as the loop trains
+    model.eval().to(device, memory_format=memory_format)
     net = TestTimeAugmentation(model, tta) if tta != "none" else model
-    chunks = [net(datamod.to_float(images[index].to(device))).softmax(1).cpu()
+    chunks = [net(datamod.to_float(images[index].to(device)).contiguous(memory_format=memory_format)).softmax(1).cpu()
               for index in datamod.iterate_batches(len(images), batch_size, None, drop_last=False)]
     return torch.cat(chunks)
 
@@ -169,7 +170,7 @@ def _write_pseudo_labels(teacher_path: Path, config: TrainConfig, settings: dict
         raise CifarxError("self-training needs unlabelled images: give --unlabelled N or all")
     teacher, _ = load_model(teacher_path)
     probabilities = teacher_probabilities(teacher, train_set.images[unlabelled], settings["tta"],
-                                          config.eval_batch_size, torch.device(config.device))
+                                          config.eval_batch_size, torch.device(config.device), config.channels_last)
     kept, labels = select_pseudo_labels(probabilities, settings["keep_per_class"], settings["threshold"], config.seed)
     atomic_torch_save({
         "format": PSEUDO_LABELS_FORMAT, "version": 1, "teacher": str(teacher_path), "train_images": len(train_set),
