@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from cifarx import data as datamod
-from cifarx import distributed
+from cifarx import distributed, self_training
 from cifarx.config import TrainConfig
 from cifarx.errors import CifarxError
 
@@ -46,6 +46,8 @@ def split_train_val(config: TrainConfig) -> tuple[datamod.ImageSet, datamod.Imag
         # From here on only the labelled subset carries labels; the rest of train is -1 (or left out).
         train_set = datamod.semi_supervised_subset(train_set, config.labelled, config.unlabelled, config.seed + 2,
                                                    config.labelled_per_class)
+    if config.pseudo_labels:  # a self-training student: the teacher's selected predictions label those images
+        train_set = self_training.apply_pseudo_labels(train_set, config.pseudo_labels)
     return train_set, val_set
 
 

@@ -95,6 +95,8 @@ def family_fields(model_kwargs: dict, config: dict) -> dict:
             method += "+fixmatch"  # the consistency term changes what the unlabelled images teach; say so
         if objective_kwargs.get("elbo_weight", 1) == 0:
             method = method.replace("vae-m2+", "")  # no generative term left: FixMatch alone
+        if config.get("pseudo_labels"):
+            method = "self-training"  # a student: its unlabelled images carried its teacher's labels
         fields.update(labelled=config["labelled"], unlabelled=config.get("unlabelled"), method=method)
     return fields
 

@@ -166,9 +166,10 @@ class RichReporter:
 @click.option("--labelled-per-class", type=int, help="semi-supervised: exactly this many labelled images per class")
 @click.option("--unlabelled", callback=_parse_unlabelled, help="semi-supervised: images of the rest of train with "
               "their labels hidden (a number, or 'all')")
-@click.option("--method", type=click.Choice(SSL_METHODS), help="vae-ssl recipe: M1, M2, M2 + FixMatch's consistency "
-              "term, or the supervised-only baseline; deep-*: with the TP3 CNN as q(y|x) (= --preset vae-ssl-METHOD; "
-              "--model vae-ssl alone means m2)")
+@click.option("--method", type=click.Choice(list(SSL_METHODS)), help="semi-supervised recipe: self-training "
+              "rounds with the fast network (or its supervised-only baseline, fast-supervised); vae-ssl's M1, M2, M2 + "
+              "FixMatch's consistency term, or its supervised-only baseline; deep-*: with the TP3 CNN as q(y|x) "
+              "(= --preset vae-ssl-METHOD; --model vae-ssl alone means m2)")
 @click.option("--seed", type=int)
 @click.option("--patience", type=int, help="early stopping after this many epochs without improvement (0 = off)")
 @click.option("--device", help="cpu, cuda or cuda:N")

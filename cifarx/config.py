@@ -19,8 +19,12 @@ SCHEDULES = ("constant", "multistep", "cosine", "linear", "onecycle")
 AUGMENTATIONS = ("crop", "flip", "cutout", "rotate", "autoaugment", "erasing")
 TTA_MODES = ("none", "flip", "flip-translate")
 TRANSLATE_MODES = ("reflect", "constant")  # the padding modes both torch.nn.functional.pad and torchvision's RandomCrop know
-# vae-ssl recipes: `--method X` is the preset vae-ssl-X; "deep-" ones have the TP3 CNN as q(y|x)
-SSL_METHODS = ("m1", "m2", "m2-fixmatch", "supervised", "deep-m2-fixmatch", "deep-fixmatch", "deep-supervised")
+# semi-supervised recipes: `--method X` is the preset SSL_METHODS[X]. vae-ssl: "deep-" ones have the TP3 CNN as
+# q(y|x); the fast network's: self-training rounds and their supervised-only baseline
+SSL_METHODS = {**{name: f"vae-ssl-{name}" for name in ("m1", "m2", "m2-fixmatch", "supervised", "deep-m2-fixmatch",
+                                                       "deep-fixmatch", "deep-supervised")},
+               "self-training": "ssl-fast-self-training", "fixmatch": "ssl-fast-fixmatch",
+               "fast-supervised": "ssl-fast-supervised"}
 
 
 @dataclass
@@ -42,6 +46,10 @@ class TrainConfig:
     labelled_per_class: int | None = None  # exactly this many per class; replaces `labelled` when given
     unlabelled: int | str = 0  # or 'all': every training image outside the labelled subset
     labelled_fraction: float | None = None  # share of each batch given to labelled images (oversampled); None = natural mix
+    # self-training (cifarx/self_training.py): rounds, keep_per_class, threshold, tta, teacher = {overrides};
+    # empty = an ordinary run. pseudo_labels: a round's selection file, which gives its images their teacher's labels
+    self_training: dict[str, Any] = field(default_factory=dict)
+    pseudo_labels: str | None = None
     seed: int = 0
     # schedule of the run
     epochs: int = 10
@@ -68,6 +76,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # parameter EMA per step; 0 = off
     ema_every: int = 1  # update the EMA every this many steps (decay is per update)
+    ema_warmup: bool = False  # decay grows as 1 - (1 + updates)^(-2/3) up to ema_decay (timm), so short runs average recent weights
     lookahead_every: int = 0  # every this many steps pull the weights to their running average; 0 = off
     lookahead_decay: float = 0.95**5  # the average's decay at the end of training...
     lookahead_power: float = 3.0  # ...reached as decay x progress**power: weak early, strong as the lr anneals
@@ -156,7 +165,13 @@ class TrainConfig:
             self.labelled = None  # a per-class count replaces the total (e.g. a preset's 1,500), so config.json is plain
         if self.unlabelled and self.labelled is None and self.labelled_per_class is None:
             raise CifarxError("--unlabelled needs a labelled subset: give --labelled or --labelled-per-class")
-        if self.unlabelled and self.objective == "supervised":
+        if self.self_training:
+            from cifarx.self_training import settings_of
+
+            settings_of(self)  # refuses unknown keys and values out of range before a run folder is made
+            if not self.unlabelled:
+                raise CifarxError("self-training needs unlabelled images: give --unlabelled N or all")
+        elif self.unlabelled and self.objective == "supervised" and not self.pseudo_labels:
             raise CifarxError("the supervised objective cannot learn from unlabelled images; use --method m1 or m2, "
                               "or --unlabelled 0")
         if self.labelled_fraction is not None and not 0 < self.labelled_fraction < 1:
@@ -236,12 +251,12 @@ def make_train_config(preset: str | None = None, settings: dict[str, Any] | None
 
 
 def recipe_preset(preset: str | None, method: str | None, model: str | None) -> str | None:
-    """The preset a command line asks for: `--method X` is the vae-ssl-X recipe, and `--model vae-ssl` alone is
-    vae-ssl-m2 (with the seed's budget of 1,500 labelled + 10,000 unlabelled images unless overridden)."""
+    """The preset a command line asks for: `--method X` is the SSL_METHODS[X] recipe, and `--model vae-ssl` alone
+    is vae-ssl-m2 (with the seed's budget of 1,500 labelled + 10,000 unlabelled images unless overridden)."""
     if method and preset:
-        raise CifarxError(f"give --method or --preset, not both (--method {method} is --preset vae-ssl-{method})")
+        raise CifarxError(f"give --method or --preset, not both (--method {method} is --preset {SSL_METHODS[method]})")
     if method or (model == "vae-ssl" and not preset):
-        return f"vae-ssl-{method or 'm2'}"
+        return SSL_METHODS[method or "m2"]
     return preset
 
 

@@ -5,6 +5,7 @@ Families differ here (and in their builders and presets), never by a copy of the
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -29,10 +30,17 @@ def register_objective(name: str):
     return decorate
 
 
-def make_objective(name: str, **kwargs) -> Objective:
+def make_objective(name: str, num_classes: int = 10, **kwargs) -> Objective:
+    """The objective `name` with its settings; `num_classes` reaches the ones that keep per-class state."""
     if name not in _OBJECTIVES:
         raise CifarxError(f"unknown objective {name!r}; choose from {', '.join(sorted(_OBJECTIVES))}")
-    return _OBJECTIVES[name](**kwargs)
+    factory = _OBJECTIVES[name]
+    if "num_classes" in inspect.signature(factory).parameters:
+        kwargs["num_classes"] = num_classes
+    try:
+        return factory(**kwargs)
+    except TypeError as error:  # a setting the objective does not have (a preset or --set typo)
+        raise CifarxError(f"objective {name}: {error}") from None
 
 
 @register_objective("supervised")
@@ -44,6 +52,77 @@ def supervised(label_smoothing: float = 0.0) -> Objective:
         return {"loss": F.cross_entropy(logits, labels, label_smoothing=label_smoothing), "logits": logits}
 
     return objective
+
+
+# ---------------------------------------------------------------------------------------------- FixMatch
+
+
+class AdaptiveFixMatch(nn.Module):
+    """Supervised cross-entropy on the labelled images + `weight` x FixMatch's term on the unlabelled ones (label
+    -1), with class-wise adaptive thresholds (FlexMatch, Zhang et al. 2021) and distribution alignment.
+
+    FlexMatch lowers the threshold of the classes the model is still learning: class c's threshold is
+    `threshold` x M(beta_c), M(x) = x / (2 - x), where beta_c is the share of unlabelled images confidently
+    predicted as c, normalised by the largest such share or by the share not yet confident, whichever is larger.
+    FlexMatch counts those images per index over the data set; here the shares are moving averages over batches
+    (`momentum` per step), so the objective needs no image indices and its state is three small tensors, kept in
+    last.pt like the optimiser's. Distribution alignment (ReMixMatch) divides each pseudo-label distribution by
+    the moving average of the model's predictions, times the uniform class prior, before thresholding.
+    """
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, weight: float = 1.0, threshold: float = 0.95,
+                 adaptive: bool = True, align: bool = True, momentum: float = 0.99, cutout: int = 16,
+                 distortion: float = 0.0):
+        super().__init__()
+        if not 0 < threshold < 1 or not 0 <= momentum < 1 or not weight >= 0:
+            raise CifarxError("fixmatch: threshold in (0, 1), momentum in [0, 1) and weight >= 0")
+        self.label_smoothing, self.weight, self.threshold = label_smoothing, weight, threshold
+        self.adaptive, self.align, self.momentum, self.cutout, self.distortion = adaptive, align, momentum, cutout, distortion
+        self.register_buffer("confident_share", torch.zeros(num_classes))  # of unlabelled images, per predicted class
+        self.register_buffer("unconfident_share", torch.ones(()))
+        self.register_buffer("prediction_mean", torch.full((num_classes,), 1 / num_classes))
+
+    def class_thresholds(self) -> torch.Tensor:
+        """Each class's confidence threshold for its pseudo-labels (the fixed one when not adaptive)."""
+        if not self.adaptive:
+            return torch.full_like(self.confident_share, self.threshold)
+        beta = self.confident_share / torch.maximum(self.confident_share.max(), self.unconfident_share).clamp(min=1e-12)
+        return self.threshold * beta / (2 - beta)
+
+    def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        logits = model(images)
+        loss = _labelled_cross_entropy(logits, labels, self.label_smoothing)
+        out = {"logits": logits, "classification": loss.detach()}
+        unlabelled = labels < 0
+        if not unlabelled.any() or not self.weight:
+            return {"loss": loss, **out}
+        probabilities = logits[unlabelled].detach().softmax(1)
+        if self.training:  # the moving averages follow the model only while it trains
+            with torch.no_grad():
+                self.prediction_mean.lerp_(probabilities.mean(0), 1 - self.momentum)
+        if self.align:
+            probabilities = probabilities / self.prediction_mean.clamp(min=1e-6)
+            probabilities = probabilities / probabilities.sum(1, keepdim=True)
+        confidence, pseudo_labels = probabilities.max(1)
+        if self.training:
+            with torch.no_grad():
+                above = confidence >= self.threshold
+                counts = torch.bincount(pseudo_labels[above], minlength=len(self.confident_share))
+                self.confident_share.lerp_(counts / len(confidence), 1 - self.momentum)
+                self.unconfident_share.lerp_((~above).float().mean(), 1 - self.momentum)
+        mask = (confidence >= self.class_thresholds()[pseudo_labels]).float()
+        strong = images[unlabelled]
+        strong = random_colour_affine(strong, None, self.distortion) if self.distortion else strong
+        strong = random_crop_flip_cutout(strong, generator=None, pad=4, flip=True, cutout=self.cutout)
+        agreement = (F.cross_entropy(model(strong), pseudo_labels, reduction="none") * mask).mean()
+        out.update(consistency=agreement.detach(), confident_share=mask.mean())
+        return {"loss": loss + self.weight * agreement, **out}
+
+
+@register_objective("fixmatch")
+def fixmatch(num_classes: int = 10, **settings) -> Objective:
+    """FixMatch with FlexMatch's class-wise thresholds and distribution alignment (`AdaptiveFixMatch`)."""
+    return AdaptiveFixMatch(num_classes, **settings)
 
 
 # ---------------------------------------------------------------------------------------------- semi-supervised VAE

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifarx import data as datamod
-from cifarx import distributed
+from cifarx import distributed, self_training
 from cifarx import runfolder
 from cifarx.batches import check_batches, resolve_device, split_train_val, stream_seed, training_batches
 from cifarx.checkpoint import load_weights, read_checkpoint, save_checkpoint
@@ -44,6 +44,10 @@ def train(config: TrainConfig | None = None, reporter: Reporter | None = None, r
     `config.resumed_config`. Under torchrun every rank calls this: DistributedDataParallel, rank 0 reports and
     writes (docs/distributed.md).
     """
+    rounds_config = self_training.read_rounds_config(resume) if resume is not None else config
+    if rounds_config is not None and rounds_config.self_training:  # teacher and student runs, each through _train
+        rounds_config.validate()
+        return self_training.train_rounds(rounds_config, reporter or SilentReporter(), resume=resume is not None)
     with distributed.Ranks.from_env() as ranks:
         return _train(config, reporter if ranks.is_main else None, resume, resume_options or {}, ranks)
 
@@ -82,7 +86,11 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
 
     # ------------------------------------------------------------------ model, objective, optimiser
     model, model_kwargs = _build_model(config, payload, train_set, device, ranks)
-    objective = make_objective(config.objective, label_smoothing=config.label_smoothing, **config.objective_kwargs)
+    objective = make_objective(config.objective, num_classes=len(class_names), label_smoothing=config.label_smoothing,
+                               **config.objective_kwargs)
+    objective_state = objective if isinstance(objective, nn.Module) else None  # e.g. fixmatch's moving averages
+    if objective_state is not None:
+        objective_state.to(device)
     optimizer = build_optimizer(model, config)
     steps_per_epoch = len(train_set) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
@@ -91,9 +99,10 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     if config.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=config.ema_decay)
+        ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup)
     lookahead = Lookahead(model) if config.lookahead_every else None
-    state = RunState() if payload is None else _restore(payload, model, optimizer, scheduler, ema, lookahead, config)
+    state = RunState() if payload is None else _restore(payload, model, optimizer, scheduler, ema, lookahead,
+                                                          objective_state, config)
     state.train_images, state.val_images = len(train_set), len(val_set)
     step_model, objective = ranks.data_parallel(model, objective)  # one process: both as they are
     step_model = torch.compile(step_model) if config.compile else step_model
@@ -109,6 +118,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "run": state.__dict__,
                 "lookahead": lookahead.average if lookahead is not None else None,
+                "objective": objective_state.state_dict() if objective_state is not None else None,
             }
         save_checkpoint(
             run_dir / name, model_name=config.model, model_kwargs=model_kwargs, class_names=class_names,
@@ -149,7 +159,8 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 scheduler.step()
                 state.global_step += 1
                 if ema is not None and state.global_step % config.ema_every == 0:
-                    ema.update(model)
+                    # timm's EMA warms up only when told the update count
+                    ema.update(model, step=state.global_step // config.ema_every if config.ema_warmup else None)
                 if lookahead is not None and (state.global_step % config.lookahead_every == 0
                                               or state.global_step == total_steps):
                     progress = state.global_step / total_steps
@@ -227,7 +238,8 @@ def _build_model(config: TrainConfig, payload: dict | None, train_set: datamod.I
     return model, model_kwargs
 
 
-def _restore(payload: dict, model: nn.Module, optimizer, scheduler, ema, lookahead, config: TrainConfig) -> RunState:
+def _restore(payload: dict, model: nn.Module, optimizer, scheduler, ema, lookahead, objective_state,
+             config: TrainConfig) -> RunState:
     """Load last.pt's tensors into the run's objects; returns its run state."""
     saved = payload["train_state"]
     load_weights(model, saved["model"], Path(config.out) / "last.pt", config.model)
@@ -237,6 +249,8 @@ def _restore(payload: dict, model: nn.Module, optimizer, scheduler, ema, lookahe
         ema.module.load_state_dict(saved["ema"])
     if lookahead is not None:
         lookahead.average = saved["lookahead"]
+    if objective_state is not None:
+        objective_state.load_state_dict(saved["objective"])
     try:
         state = RunState(**saved["run"])
     except TypeError as error:  # a hand-edited or newer last.pt

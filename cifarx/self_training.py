@@ -1,0 +1,188 @@
+"""Self-training rounds: a teacher labels the unlabelled images, a student learns from labels + pseudo-labels.
+
+Round 0 trains the teacher on the labelled images alone. Each later round: the previous round's best weights
+predict every unlabelled image (averaged over flip + translate views), a confident and class-balanced share
+of them is kept with its predicted class, and a fresh student trains on labels + pseudo-labels through the one
+training loop (`train.train`, with `config.pseudo_labels` naming the round's selection). The student becomes
+the next teacher. Every round is an ordinary run folder `RUN/round-K`; the last student's checkpoints are
+copied to `RUN/` so export, eval and predict treat a self-training run like any other.
+
+Only images reach the teacher: the unlabelled images' labels are -1 from the data layer on
+(`data.semi_supervised_subset`), so nothing here could read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from cifarx import data as datamod
+from cifarx import runfolder
+from cifarx.checkpoint import load_model
+from cifarx.config import TrainConfig, list_presets, make_train_config
+from cifarx.errors import CifarxError
+from cifarx.io import atomic_torch_save, atomic_write, atomic_write_json
+from cifarx.models.common import TestTimeAugmentation
+
+PSEUDO_LABELS_FORMAT = "cifarx-pseudo-labels"
+# settings of `config.self_training`, with their defaults
+DEFAULTS = {
+    "rounds": 2,  # student rounds after the teacher (round 0)
+    "keep_per_class": 0.8,  # share of (unlabelled images / classes) kept per class, the most confident first
+    "threshold": 0.0,  # and only predictions at least this confident (TTA-averaged softmax)
+    "tta": "flip-translate",  # views the teacher averages over
+    # round 0's recipe: a preset (that of the supervised-only baseline), or {"preset": NAME, SETTING: VALUE...}
+    "teacher": "ssl-fast-supervised",
+}
+# what the teacher takes from the self-training run rather than from its preset: the data, the labelled subset,
+# the validation split and the machine, so teacher, students and the baseline see the same images
+TEACHER_INHERITS = ("data", "data_root", "val_size", "train_size", "labelled", "labelled_per_class", "seed", "device",
+                    "threads", "channels_last", "compile", "command")
+
+
+def settings_of(config: TrainConfig) -> dict:
+    """`config.self_training` completed with the defaults; unknown keys or values out of range are refused."""
+    unknown = sorted(set(config.self_training) - set(DEFAULTS))
+    if unknown:
+        raise CifarxError(f"unknown self_training setting(s) {unknown}; known: {', '.join(DEFAULTS)}")
+    settings = {**DEFAULTS, **config.self_training}
+    if not isinstance(settings["rounds"], int) or settings["rounds"] < 1:
+        raise CifarxError(f"self_training.rounds must be a whole number >= 1, got {settings['rounds']!r}")
+    if not 0 < settings["keep_per_class"] <= 1:
+        raise CifarxError(f"self_training.keep_per_class must be in (0, 1], got {settings['keep_per_class']!r}")
+    if not 0 <= settings["threshold"] < 1:
+        raise CifarxError(f"self_training.threshold must be in [0, 1), got {settings['threshold']!r}")
+    teacher = settings["teacher"] if isinstance(settings["teacher"], dict) else {"preset": settings["teacher"]}
+    if teacher.get("preset") is not None and teacher["preset"] not in list_presets():
+        raise CifarxError(f"self_training.teacher must name a preset, got {teacher['preset']!r}; see `cifarx models`")
+    settings["teacher"] = teacher
+    if settings["tta"] not in ("none", "flip", "flip-translate"):
+        raise CifarxError(f"self_training.tta must be none, flip or flip-translate, got {settings['tta']!r}")
+    return settings
+
+
+@torch.no_grad()
+def teacher_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: str, batch_size: int,
+                          device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """[N, classes] softmax of `model` on uint8 `images`, averaged over the TTA views; batch-wise."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as the loop trains
+    model.eval().to(device, memory_format=memory_format)
+    net = TestTimeAugmentation(model, tta) if tta != "none" else model
+    chunks = [net(datamod.to_float(images[index].to(device)).contiguous(memory_format=memory_format)).softmax(1).cpu()
+              for index in datamod.iterate_batches(len(images), batch_size, None, drop_last=False)]
+    return torch.cat(chunks)
+
+
+def select_pseudo_labels(probabilities: torch.Tensor, keep_per_class: float, threshold: float,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, classes) of the pseudo-labels kept: per predicted class, its most confident predictions.
+
+    Each class keeps at most keep_per_class x N / classes rows, so a class the teacher over-predicts cannot
+    crowd out the others, and only rows at or above `threshold`. Ties in confidence are broken by a random
+    order drawn from `seed`, so the selection is deterministic for a seed.
+    """
+    count, classes = probabilities.shape
+    confidence, predicted = probabilities.max(1)
+    quota = int(keep_per_class * count / classes)
+    shuffle = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    # one sort for all classes: by class, then by confidence (descending), ties in the shuffled order
+    order = shuffle[torch.argsort(-confidence[shuffle], stable=True)]
+    order = order[torch.argsort(predicted[order], stable=True)]
+    sizes = torch.bincount(predicted, minlength=classes)
+    rank_in_class = torch.arange(count) - (torch.cumsum(sizes, 0) - sizes)[predicted[order]]
+    kept = order[(rank_in_class < quota) & (confidence[order] >= threshold)].sort().values
+    return kept, predicted[kept]
+
+
+def apply_pseudo_labels(train_set: datamod.ImageSet, path: str | Path) -> datamod.ImageSet:
+    """The labelled images plus the unlabelled ones the file selects, carrying their pseudo-labels."""
+    saved = torch.load(path, weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != PSEUDO_LABELS_FORMAT:
+        raise CifarxError(f"{path} is not a cifarx pseudo-label file")
+    if saved["train_images"] != len(train_set):
+        raise CifarxError(f"{path} was made for {saved['train_images']} training images, this run has "
+                          f"{len(train_set)}: the data, seed or --labelled/--unlabelled changed")
+    labelled = (train_set.labels != datamod.UNLABELLED).nonzero().squeeze(1)
+    subset = train_set.subset(torch.cat([labelled, saved["rows"]]))
+    subset.labels[len(labelled):] = saved["labels"]
+    return subset
+
+
+def read_rounds_config(run: str | Path) -> TrainConfig | None:
+    """The config of the self-training run in folder `run`, or None when `run` is not one."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        return None
+    config = TrainConfig.from_dict(json.loads(path.read_text()))
+    config.out = str(run)
+    return config if config.self_training else None
+
+
+def train_rounds(config: TrainConfig, reporter, resume: bool = False) -> dict:
+    """Run (or finish) every round of a self-training run; returns the last student's summary + the rounds'."""
+    settings = settings_of(config)
+    run_dir = Path(config.out)
+    with runfolder.claimed(run_dir, new_run=not resume):  # the rounds' own folders are claimed by each run
+        if not resume:
+            runfolder.write_config(run_dir, config.to_dict())
+        summary = _run_rounds(config, settings, run_dir, reporter)
+    return summary
+
+
+def _write_pseudo_labels(teacher_path: Path, config: TrainConfig, settings: dict, path: Path) -> None:
+    """The teacher's predictions on the unlabelled training images and the selection, saved in the run folder."""
+    from cifarx.batches import split_train_val  # batches reads the selection through this module: import late
+
+    train_set, _ = split_train_val(config)
+    unlabelled = (train_set.labels == datamod.UNLABELLED).nonzero().squeeze(1)
+    if not len(unlabelled):
+        raise CifarxError("self-training needs unlabelled images: give --unlabelled N or all")
+    teacher, _ = load_model(teacher_path)
+    probabilities = teacher_probabilities(teacher, train_set.images[unlabelled], settings["tta"],
+                                          config.eval_batch_size, torch.device(config.device), config.channels_last)
+    kept, labels = select_pseudo_labels(probabilities, settings["keep_per_class"], settings["threshold"], config.seed)
+    atomic_torch_save({
+        "format": PSEUDO_LABELS_FORMAT, "version": 1, "teacher": str(teacher_path), "train_images": len(train_set),
+        "rows": unlabelled[kept], "labels": labels, "probabilities": probabilities.half(),
+        "unlabelled_rows": unlabelled,
+    }, path)
+
+
+def _run_rounds(config: TrainConfig, settings: dict, run_dir: Path, reporter) -> dict:
+    """Every round in turn, skipping finished ones and resuming an interrupted one; the run's summary."""
+    from cifarx.train import train  # the loop dispatches self-training runs here: import late
+
+    base = dataclasses.replace(config, self_training={})
+    rounds = []
+    for round_index in range(settings["rounds"] + 1):
+        round_dir = run_dir / f"round-{round_index}"
+        if round_index == 0:
+            teacher = dict(settings["teacher"])
+            round_config = make_train_config(teacher.pop("preset", None),
+                                             **{**teacher, **{name: getattr(base, name) for name in TEACHER_INHERITS}})
+        else:
+            pseudo_labels = round_dir / "pseudo_labels.pt"
+            if not pseudo_labels.is_file():  # on --resume the teacher's predictions are reloaded, not recomputed
+                round_dir.mkdir(parents=True, exist_ok=True)
+                _write_pseudo_labels(run_dir / f"round-{round_index - 1}" / "best.pt", base, settings, pseudo_labels)
+            round_config = dataclasses.replace(base, pseudo_labels=str(pseudo_labels))
+        round_config = dataclasses.replace(round_config, out=str(round_dir))
+        reporter.message(f"self-training round {round_index} of {settings['rounds']} "
+                         f"({'teacher on the labels alone' if round_index == 0 else 'student'}) -> {round_dir}")
+        if (round_dir / "summary.json").is_file():
+            summary = json.loads((round_dir / "summary.json").read_text())
+        elif (round_dir / "last.pt").is_file():
+            summary = train(reporter=reporter, resume=round_dir)
+        else:
+            summary = train(round_config, reporter=reporter)
+        rounds.append({"round": round_index, **summary})
+    for name in ("best.pt", "last.pt"):  # the last student is the run's model
+        atomic_write(run_dir / name, lambda temporary, name=name: shutil.copyfile(round_dir / name, temporary))
+    summary = {**rounds[-1], "method": "self-training",
+               "train_seconds": round(sum(r["train_seconds"] for r in rounds), 1), "rounds": rounds}
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
