@@ -80,6 +80,9 @@ def train_command(config: dict) -> str:
     return portable_command(shlex.join(words))
 
 
+FAMILY_FIELDS = ("img_size", "weights", "freeze", "labelled", "unlabelled", "method")  # what family_fields may add
+
+
 def family_fields(model_kwargs: dict, config: dict) -> dict:
     """What a reader of a transfer-learning or semi-supervised card needs first: input size and weights' origin,
     or the label budget and the method."""
@@ -173,6 +176,7 @@ def _markdown(card: dict) -> str:
         f"| trained on | {card['train_images']} images, {card['epochs']} epochs{unfinished}, {card['train_seconds']} s "
         "wall time |",
         f"| preset / seed | {card['preset']} / {card['seed']} |",
+        *[f"| {name.replace('_', ' ')} | {card[name]} |" for name in FAMILY_FIELDS if name in card],
         f"| input | {card['input']} |",
         f"| outputs | logits, probabilities |",
         f"| test-time augmentation in graph | {card['tta_in_graph']} |",

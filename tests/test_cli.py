@@ -136,6 +136,21 @@ def test_cards_of_transfer_and_semi_supervised_models_say_size_weights_labels_an
     vae = family_fields({"conditional": True}, {"labelled": 1500, "unlabelled": 10000, "objective": "vae-m2"})
     assert vae == {"labelled": 1500, "unlabelled": 10000, "method": "vae-m2"}
     assert family_fields({}, {"labelled": None}) == {}
+    student = family_fields({}, {"labelled": 1500, "unlabelled": "all", "objective": "supervised",
+                                 "pseudo_labels": "runs/st/round-2/pseudo_labels.pt"})
+    assert student["method"] == "self-training"
+
+
+def test_the_markdown_card_shows_the_label_budget_and_method():
+    from cifarx.card import _markdown
+
+    card = {"file": "m.onnx", "model": "fast", "class_names": ["cat", "dog"], "val_accuracy": None, "train_images": 10,
+            "epochs": 1, "train_seconds": 1.0, "preset": None, "seed": 0, "input": "float32", "tta_in_graph": "none",
+            "parity": {"top1_agreement": 1.0, "images": 4, "max_abs_logit_delta": 0.0}, "bytes": 1, "sha256": "ab",
+            "note": None, "command": "cifarx train", "export_command": "cifarx export",
+            "labelled": 1500, "unlabelled": "all", "method": "self-training"}
+    text = _markdown(card)
+    assert "| labelled | 1500 |" in text and "| unlabelled | all |" in text and "| method | self-training |" in text
 
 
 def test_export_of_an_unfinished_run_says_so_and_its_card_reports_what_the_run_folder_records(image_folder, tmp_path):
