@@ -57,6 +57,7 @@ def supervised(label_smoothing: float = 0.0) -> Objective:
 # ---------------------------------------------------------------------------------------------- FixMatch
 
 
+@register_objective("fixmatch")
 class AdaptiveFixMatch(nn.Module):
     """Supervised cross-entropy on the labelled images + `weight` x FixMatch's term on the unlabelled ones (label
     -1), with class-wise adaptive thresholds (FlexMatch, Zhang et al. 2021) and distribution alignment.
@@ -117,12 +118,6 @@ class AdaptiveFixMatch(nn.Module):
         agreement = (F.cross_entropy(model(strong), pseudo_labels, reduction="none") * mask).mean()
         out.update(consistency=agreement.detach(), confident_share=mask.mean())
         return {"loss": loss + self.weight * agreement, **out}
-
-
-@register_objective("fixmatch")
-def fixmatch(num_classes: int = 10, **settings) -> Objective:
-    """FixMatch with FlexMatch's class-wise thresholds and distribution alignment (`AdaptiveFixMatch`)."""
-    return AdaptiveFixMatch(num_classes, **settings)
 
 
 # ---------------------------------------------------------------------------------------------- semi-supervised VAE
