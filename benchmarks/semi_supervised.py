@@ -8,6 +8,7 @@ preset's test-time augmentation), the training wall time, and mean +- std over t
     nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/semi_supervised.py --methods m1,fast-supervised --epochs 1 \
         --labelled 100 --unlabelled 200 --val-size 500 --out /tmp/ssl-smoke
 
+A run folder OUT/<method>-seed<S>/ that already holds a finished run (summary.json) is reused, not retrained.
 Writes OUT/semi_supervised.json (every summary, the settings and this command) and OUT/semi_supervised.md (rows for
 docs/benchmarks.md); each run folder is OUT/<method>-seed<S>/.
 """
@@ -15,6 +16,7 @@ docs/benchmarks.md); each run folder is OUT/<method>-seed<S>/.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
@@ -34,6 +36,12 @@ def run_method(method: str, seed: int, args: argparse.Namespace) -> dict:
     if not method.endswith("supervised"):  # the baselines never see unlabelled images
         overrides["unlabelled"] = args.unlabelled
     config = make_train_config(SSL_METHODS[method], **overrides)
+    finished = Path(config.out) / "summary.json"
+    if finished.exists():  # a benchmark stopped half-way (or extended by seeds) does not train a finished run again
+        print(f"== {method}: reusing the finished run {config.out}")
+        summary = json.loads(finished.read_text())
+        return {"method": method, "seed": seed, "labelled": config.labelled, "unlabelled": config.unlabelled,
+                "epochs": config.epochs, "reused": True, **summary}
     print(f"== {method}: {config.labelled} labelled, {config.unlabelled} unlabelled, {config.epochs} epochs -> {config.out}")
     start = time.perf_counter()
     summary = train(config, reporter=RichReporter())
