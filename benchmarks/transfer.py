@@ -1,110 +1,247 @@
-"""EfficientNet-Lite0 (ImageNet weights) on CIFAR-10: frozen features + linear head vs fine-tuning (issue 5).
+"""The transfer-learning frontier (issue 16): EfficientNet-Lite0 and -Lite2 (offline ImageNet weights) on CIFAR-10, from
+the linear probe to full fine-tuning, at a few image sizes: accuracy, training cost and inference cost in one table.
 
-Two modes, each at a few input sizes (the 32x32 images are upsampled inside the model):
-- linear: backbone frozen, its features computed once and cached (cifarx.linear_probe.fit_linear_head), then the
-  new head fitted; the wall time includes the feature extraction (cache misses only: delete the feature cache,
-  $CIFARX_CACHE/features or ~/.cache/cifarx/features, for a cold measurement).
-- finetune: the whole network (or its last N stages, --finetune-freeze N) trained through the one training loop,
-  the backbone at --lr x --backbone-lr-scale.
+Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the model):
+- linear: `--freeze all --cached-features`: pooled features once per image (cached), then the new head alone.
+- last1, last2, last3: `--freeze N --cached-features`: the frozen prefix's activations once per image and its flip
+  (cached in --cache-dtype), then the last N stages + head train through the one training loop on them.
+- full: `--freeze none`: the whole network through the training loop, on augmented images.
 
-Validation: the stratified 5,000-image split carved from the training images (seed 0). Full budget on a 2-core
-CPU: the linear rows take minutes each (feature extraction), fine-tuning hours per epoch at 160-224 px. Smoke test:
+Each row gives the best validation accuracy (5,000 images held out of train, seed 0; with --tta also the best
+checkpoint's with test-time augmentation), the training wall time and threads, and the latency of the exported best
+checkpoint on ONNX Runtime CPU at batch 1 and 256 (cifarx.export.export_onnx with its parity check, then
+cifarx.evaluate.evaluate_onnx on random pixels: latency does not depend on them). The CPU and its ISA flags are
+recorded beside the rows.
 
-    nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/transfer.py --train-size 256 --val-size 128 \
-        --linear-sizes 64 --finetune-sizes 64 --linear-epochs 2 --finetune-epochs 1 --out /tmp/transfer-smoke
+Rows run cheapest first (every linear row, then last1 ...), each in OUT/<model>-<row>-<size>/. A folder holding a
+finished run (summary.json) is not trained again, and one holding frontier.json (the row's whole result) is not
+measured again either (--remeasure: export and time it anew, e.g. on a quiet machine); a folder whose run has other
+settings is refused, not mixed in. OUT/frontier.json (rows, settings, CPU, command) and OUT/frontier.md (the table for
+docs/benchmarks.md) are rewritten after every row, so a stopped benchmark keeps what it measured. Smoke test:
 
-Writes OUT/transfer.json (every summary, the settings and this command) and OUT/transfer.md (rows for
-docs/benchmarks.md); each run folder (config, metrics, curves, best.pt) is OUT/<mode>-<size>/.
+    nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/transfer.py --models lite0 --rows linear,full --sizes 64 \
+        --train-size 256 --val-size 128 --linear-epochs 1 --full-epochs 1 --latency-repeats 2 --out /tmp/frontier-smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
+from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
+
 from cifarx.cli import RichReporter
-from cifarx.config import make_train_config
+from cifarx.config import TrainConfig, make_train_config
+from cifarx.errors import CifarxError
+from cifarx.evaluate import evaluate_onnx
+from cifarx.export import export_onnx
 from cifarx.io import atomic_write_json, atomic_write_text
-from cifarx.models.transfer import LITE0_PACKAGE
+from cifarx.models.transfer import WEIGHTS_PACKAGES
 from cifarx.train import train
 
-MODEL = "timm/efficientnet_lite0"
+# lite0 / lite2 -> (model, offline weights package)
+MODELS = {package.extra: (f"timm/{package.models[0]}", package.name) for package in WEIGHTS_PACKAGES}
+ROWS = ("linear", "last1", "last2", "last3", "full")
+# Settings of a reused run folder that may differ from this command's (the machine's, as for `cifarx train --resume`).
+MACHINE_SETTINGS = ("out", "threads", "device", "workers", "eval_batch_size")
 
 
-def _sizes(text: str) -> list[int]:
-    return [int(s) for s in text.split(",") if s.strip()]
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def run(mode: str, img_size: int, args: argparse.Namespace) -> dict:
-    """One training run; its summary plus the settings that define the row."""
-    weights = {"pretrained": True} if args.pretrained else {"weights": args.weights}
-    common = dict(model=MODEL, data=args.data, val_size=args.val_size, train_size=args.train_size, seed=args.seed,
-                  threads=args.threads, out=str(Path(args.out) / f"{mode}-{img_size}"), eval_batch_size=100)
-    if mode == "linear":
-        config = make_train_config(
+def prefix_cache_available() -> bool:
+    """Whether this cifarx trains `--freeze N --cached-features` (issue 16 item 1: the cached prefix, `cache_dtype`)."""
+    return "cache_dtype" in {field.name for field in dataclasses.fields(TrainConfig)}
+
+
+def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) -> TrainConfig:
+    """The training settings of one row (checked by make_train_config before anything runs)."""
+    name, package = MODELS[model]
+    weights = {"pretrained": True} if args.pretrained else {"weights": package}
+    common = dict(model=name, data=args.data, val_size=args.val_size, train_size=args.train_size, seed=args.seed,
+                  threads=args.threads, out=str(Path(args.out) / f"{model}-{row}-{img_size}"), eval_batch_size=100)
+    if row == "linear":
+        return make_train_config(
             **common, model_kwargs={"img_size": img_size, "freeze": "all", **weights}, cached_features=True,
             epochs=args.linear_epochs, batch_size=256, optimizer="adamw", lr=args.linear_lr, weight_decay=1e-4,
             schedule="cosine",
         )
-    else:
-        config = make_train_config(
-            **common, model_kwargs={"img_size": img_size, "freeze": args.finetune_freeze, **weights},
-            epochs=args.finetune_epochs, batch_size=args.finetune_batch_size, optimizer="sgd", nesterov=True,
-            lr=args.finetune_lr, backbone_lr_scale=args.backbone_lr_scale, weight_decay=5e-5, schedule="cosine",
-            warmup_epochs=min(0.5, args.finetune_epochs / 4), label_smoothing=0.1, augment=["crop", "flip"],
+    loop = dict(batch_size=args.batch_size, optimizer="sgd", nesterov=True, lr=args.lr,
+                backbone_lr_scale=args.backbone_lr_scale, weight_decay=5e-5, schedule="cosine", label_smoothing=0.1,
+                tta=args.tta)
+    if row == "full":
+        return make_train_config(
+            **common, **loop, model_kwargs={"img_size": img_size, "freeze": "none", **weights}, epochs=args.full_epochs,
+            warmup_epochs=min(0.5, args.full_epochs / 4), augment=["crop", "flip"],
         )
-    print(f"== {mode} at {img_size}px, {config.epochs} epochs -> {config.out}")
+    # Cached activations can only be flipped (the cache holds each image and its flip): no crop.
+    return make_train_config(
+        **common, **loop, model_kwargs={"img_size": img_size, "freeze": int(row.removeprefix("last")), **weights},
+        cached_features=True, cache_dtype=args.cache_dtype, epochs=args.partial_epochs,
+        warmup_epochs=min(0.5, args.partial_epochs / 4), augment=["flip"],
+    )
+
+
+def check_reusable(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse a run folder whose run was trained with other settings than this row's (one line naming them)."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    wanted = json.loads(json.dumps(config.to_dict()))
+    differ = sorted(key for key in set(saved) | set(wanted)
+                    if key not in MACHINE_SETTINGS and saved.get(key) != wanted.get(key))
+    if differ:
+        shown = ", ".join(f"{key} {saved.get(key)!r} there, {wanted.get(key)!r} here" for key in differ[:3])
+        raise CifarxError(f"{run_dir} holds a run with other settings ({shown}): delete it or use another --out")
+
+
+def trained(config: TrainConfig) -> tuple[dict, bool]:
+    """(summary, reused): the run of `config`, trained now unless its folder holds the finished run already."""
+    run_dir = Path(config.out)
+    check_reusable(run_dir, config)
+    finished = run_dir / "summary.json"
+    if finished.is_file():
+        print(f"== reusing the finished run {run_dir}")
+        return json.loads(finished.read_text()), True
+    print(f"== training {run_dir}: {config.model} {config.model_kwargs}, {config.epochs} epochs")
     start = time.perf_counter()
     summary = train(config, reporter=RichReporter())
-    return {"mode": mode, "img_size": img_size, "freeze": config.model_kwargs["freeze"], "epochs": config.epochs,
-            "lr": config.lr, "backbone_lr_scale": config.backbone_lr_scale,
-            "wall_seconds": round(time.perf_counter() - start, 1), **summary}
+    return {**summary, "wall_seconds": round(time.perf_counter() - start, 1)}, False
 
 
-def markdown_rows(results: list[dict]) -> str:
-    lines = ["| mode | img size | trained | epochs | best val acc | final val acc | wall time | of which features |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+def measured(config: TrainConfig, summary: dict, args: argparse.Namespace) -> dict:
+    """Export the best checkpoint (parity checked) and time it on ONNX Runtime CPU; with --tta, its TTA accuracy if
+    the run did not give it (the linear probe's head is fitted on plain images: its TTA is measured on the export)."""
+    run_dir = Path(config.out)
+    exported = run_dir / "best.onnx"
+    parity = export_onnx(run_dir, exported, data=args.data)
+    timing = evaluate_onnx(exported, data=None, batch_sizes=[1, 256], threads=args.threads,
+                           warmup=2, repeats=args.latency_repeats)
+    result = {"onnx_bytes": parity["bytes"], "parity_max_abs_logit_delta": parity["max_abs_logit_delta"],
+              "latency_threads": timing["threads"], "latency": timing["latency"]}
+    tta_key = f"best_val_accuracy_tta_{args.tta}"
+    if args.tta != "none" and tta_key not in summary:
+        with_tta = run_dir / f"best-tta-{args.tta}.onnx"
+        export_onnx(run_dir, with_tta, tta=args.tta, data=args.data)
+        scored = evaluate_onnx(with_tta, data=args.data, split="val", batch_sizes=[256], threads=args.threads,
+                               warmup=0, repeats=1)
+        result[tta_key] = scored["accuracy"]
+    return result
+
+
+def run_row(model: str, row: str, img_size: int, args: argparse.Namespace) -> dict:
+    """One row of the table: trained (or reused), exported and timed (or reused); skipped or failed in one line."""
+    key = {"model": model, "row": row, "img_size": img_size}
+    if row.startswith("last") and not prefix_cache_available():
+        reason = ("needs `--freeze N --cached-features` (the cached prefix of issue 16 item 1, branch `prefix`), "
+                  "which this cifarx does not have yet")
+        print(f"== {model} {row} {img_size}px skipped: {reason}")
+        return {**key, "skipped": reason}
+    try:
+        config = row_config(model, row, img_size, args)
+        row_file = Path(config.out) / "frontier.json"
+        if row_file.is_file() and not args.remeasure:
+            check_reusable(Path(config.out), config)
+            print(f"== reusing the measured row {row_file}")
+            return {**json.loads(row_file.read_text()), "reused": True}
+        summary, reused = trained(config)
+        result = {**summary, **key, "timm_model": config.model, "freeze": config.model_kwargs["freeze"],
+                  "epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size,
+                  "cache_dtype": args.cache_dtype if row.startswith("last") else None, "train_threads": args.threads,
+                  "training_reused": reused}
+        result.update(measured(config, summary, args))
+    except CifarxError as error:  # one row's failure (a refused setting, a cache that does not fit) ends only that row
+        print(f"== {model} {row} {img_size}px failed: {error}")
+        return {**key, "failed": str(error)}
+    atomic_write_json(Path(config.out) / "frontier.json", result)
+    return result
+
+
+def trained_what(result: dict) -> str:
+    if result["row"] == "linear":
+        return "head (linear probe)"
+    if result["row"] == "full":
+        return "all"
+    stages = result["row"].removeprefix("last")
+    return f"last {stages} stage{'s' * (stages != '1')} + head"
+
+
+def markdown(results: list[dict], cpu: dict, command: str) -> str:
+    lines = ["| model | trained | img size | epochs | best val acc | with TTA | train time | threads | "
+             "ORT batch 1 | ORT batch 256 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        trained = "head" if r["freeze"] == "all" else "all" if r["freeze"] == "none" else f"last {r['freeze']} stages + head"
-        features = f"{r['feature_seconds'] / 60:.1f} min" if "feature_seconds" in r else "-"
-        lines.append(f"| {r['mode']} | {r['img_size']} | {trained} | {r['epochs_run']} | {r['best_val_accuracy']:.2%} | "
-                     f"{r['final_val_accuracy']:.2%} | {r['wall_seconds'] / 60:.1f} min | {features} |")
-    return "\n".join(lines) + "\n"
+        if "skipped" in r or "failed" in r:
+            lines.append(f"| {r['model']} | {r['row']} | {r['img_size']} | {'skipped' if 'skipped' in r else 'failed'}: "
+                         f"{r.get('skipped') or r.get('failed')} | | | | | | |")
+            continue
+        tta = next((v for k, v in r.items() if k.startswith("best_val_accuracy_tta_")), None)
+        one, batch = r["latency"]["1"], r["latency"]["256"]
+        lines.append(f"| {r['model']} | {trained_what(r)} | {r['img_size']} | {r['epochs_run']} | "
+                     f"{r['best_val_accuracy']:.2%} | {'-' if tta is None else f'{tta:.2%}'} | "
+                     f"{r['train_seconds'] / 60:.1f} min | {r['train_threads']} | {one['p50_ms']:.1f} ms | "
+                     f"{batch['p50_ms'] / 1000:.2f} s ({batch['images_per_s']:.0f} img/s) |")
+    return "\n".join([
+        *lines, "",
+        f"CPU: {cpu['cpu']}; ISA flags: {', '.join(cpu['isa_flags']) or 'no AVX2/AVX-512'}. ONNX Runtime latency: "
+        "median of the timed runs on the exported best checkpoint (resize inside the graph, input [N,3,32,32]).",
+        f"Command: `{command}`", ""])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(Path.home() / "cifar10-jpeg"), help="image folder with train/<class>/")
-    parser.add_argument("--weights", default=LITE0_PACKAGE, help="the offline package (default) or a timm state dict")
-    parser.add_argument("--pretrained", action="store_true", help="timm's hub weights instead of --weights")
-    parser.add_argument("--linear-sizes", default="64,96,128,160,224", help="comma list; '' skips the linear rows")
+    parser.add_argument("--models", default="lite0,lite2", help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    parser.add_argument("--sizes", default="160,224", help="comma list of image sizes (px)")
+    parser.add_argument("--pretrained", action="store_true", help="timm's hub weights instead of the offline packages")
     parser.add_argument("--linear-epochs", type=int, default=30)
     parser.add_argument("--linear-lr", type=float, default=2e-3)
-    parser.add_argument("--finetune-sizes", default="160", help="comma list; '' skips fine-tuning")
-    parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--finetune-freeze", default="none", help="none, or the number of trailing stages to train")
-    parser.add_argument("--finetune-lr", type=float, default=0.05, help="the head's peak lr")
+    parser.add_argument("--partial-epochs", type=int, default=10, help="epochs of the last1/last2/last3 rows")
+    parser.add_argument("--full-epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.05, help="the head's peak lr in the partial and full rows")
     parser.add_argument("--backbone-lr-scale", type=float, default=0.2)
-    parser.add_argument("--finetune-batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="of the partial and full rows (linear: 256)")
+    parser.add_argument("--cache-dtype", default="float16", help="the cached prefix activations' dtype (last1-3)")
+    parser.add_argument("--tta", default="flip", choices=["none", "flip", "flip-translate"])
     parser.add_argument("--train-size", type=int, help="train on only this many images (smoke tests)")
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads")
-    parser.add_argument("--out", default="runs/bench-transfer")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and ONNX Runtime intra-op threads")
+    parser.add_argument("--latency-repeats", type=int, default=10, help="timed runs per batch size")
+    parser.add_argument("--remeasure", action="store_true", help="export and time rows measured before again")
+    parser.add_argument("--out", default="runs/bench-frontier")
     args = parser.parse_args(argv)
+    models, rows = _comma_list(args.models), _comma_list(args.rows)
+    for given, known, what in ((models, MODELS, "models"), (rows, ROWS, "rows")):
+        if not given or set(given) - set(known):
+            parser.error(f"--{what} must list some of {', '.join(known)}, got {','.join(given)!r}")
+    try:
+        sizes = [int(size) for size in _comma_list(args.sizes)]
+    except ValueError:
+        parser.error(f"--sizes must be a comma list of integers, got {args.sizes!r}")
+    if not sizes or min(sizes) < 8 or args.latency_repeats < 1 or (args.threads or 0) < 1:
+        parser.error("--sizes must list sizes >= 8, --latency-repeats and --threads must be >= 1")
 
-    plan = [("linear", s) for s in _sizes(args.linear_sizes)] + [("finetune", s) for s in _sizes(args.finetune_sizes)]
     command = shlex.join(["python", "benchmarks/transfer.py", *(sys.argv[1:] if argv is None else argv)])
+    cpu = cpu_flags()
     results = []
-    for mode, img_size in plan:
-        results.append(run(mode, img_size, args))
-        # Written after every run, so a long benchmark stopped half-way keeps what it measured.
-        atomic_write_json(Path(args.out) / "transfer.json", {"command": command, "settings": vars(args), "results": results})
-        atomic_write_text(Path(args.out) / "transfer.md", markdown_rows(results) + f"\nCommand: `{command}`\n")
-    print(markdown_rows(results))
+    for row in sorted(rows, key=ROWS.index):  # cheapest rows first: a stopped benchmark has the cheap frontier
+        for model in models:
+            for img_size in sizes:
+                results.append(run_row(model, row, img_size, args))
+                # Written after every row, so a long benchmark stopped half-way keeps what it measured.
+                atomic_write_json(Path(args.out) / "frontier.json",
+                                  {"command": command, "settings": vars(args), **cpu, "results": results})
+                atomic_write_text(Path(args.out) / "frontier.md", markdown(results, cpu, command))
+    print(markdown(results, cpu, command))
 
 
 if __name__ == "__main__":
