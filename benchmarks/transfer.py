@@ -16,8 +16,9 @@ recorded beside the rows.
 Rows run cheapest first (every linear row, then last1 ...), each in OUT/<model>-<row>-<size>/. A folder holding a
 finished run (summary.json) is not trained again, and one holding frontier.json (the row's whole result) is not
 measured again either (--remeasure: export and time it anew, e.g. on a quiet machine); a folder whose run has other
-settings is refused, not mixed in. OUT/frontier.json (rows, settings, CPU, command) and OUT/frontier.md (the table for
-docs/benchmarks.md) are rewritten after every row, so a stopped benchmark keeps what it measured. Smoke test:
+settings is refused, not mixed in. OUT/frontier.json (rows, CPU, commands, the last command's settings) and
+OUT/frontier.md (the table for docs/benchmarks.md) are rewritten after every row, so a stopped benchmark keeps what it
+measured; rows of earlier commands into the same OUT stay in them (a row measured again replaces its own). Smoke test:
 
     nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/transfer.py --models lite0 --rows linear,full --sizes 64 \
         --train-size 256 --val-size 128 --linear-epochs 1 --full-epochs 1 --latency-repeats 2 --out /tmp/frontier-smoke
@@ -174,7 +175,12 @@ def trained_what(result: dict) -> str:
     return f"last {stages} stage{'s' * (stages != '1')} + head"
 
 
-def markdown(results: list[dict], cpu: dict, command: str) -> str:
+def row_key(result: dict) -> tuple:
+    """Where a row sorts in the table: by row (cheapest first), model, image size."""
+    return ROWS.index(result["row"]), result["model"], result["img_size"]
+
+
+def markdown(results: list[dict], cpu: dict, commands: list[str]) -> str:
     lines = ["| model | trained | img size | epochs | best val acc | with TTA | train time | threads | "
              "ORT batch 1 | ORT batch 256 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -192,7 +198,7 @@ def markdown(results: list[dict], cpu: dict, command: str) -> str:
         *lines, "",
         f"CPU: {cpu['cpu']}; ISA flags: {', '.join(cpu['isa_flags']) or 'no AVX2/AVX-512'}. ONNX Runtime latency: "
         "median of the timed runs on the exported best checkpoint (resize inside the graph, input [N,3,32,32]).",
-        f"Command: `{command}`", ""])
+        "Commands: " + "; ".join(f"`{command}`" for command in commands), ""])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,17 +238,22 @@ def main(argv: list[str] | None = None) -> None:
 
     command = shlex.join(["python", "benchmarks/transfer.py", *(sys.argv[1:] if argv is None else argv)])
     cpu = cpu_flags()
-    results = []
+    table = Path(args.out) / "frontier.json"
+    # Rows measured by earlier commands into the same OUT stay in the table (a row measured again replaces its own),
+    # so the table can be built by several commands, e.g. cheap rows at more sizes than full fine-tuning.
+    earlier = json.loads(table.read_text()) if table.is_file() else {"commands": [], "results": []}
+    commands = [c for c in earlier["commands"] if c != command] + [command]
+    results = {row_key(r): r for r in earlier["results"]}
     for row in sorted(rows, key=ROWS.index):  # cheapest rows first: a stopped benchmark has the cheap frontier
         for model in models:
             for img_size in sizes:
-                results.append(run_row(model, row, img_size, args))
+                result = run_row(model, row, img_size, args)
+                results[row_key(result)] = result
+                ordered = [results[key] for key in sorted(results)]
                 # Written after every row, so a long benchmark stopped half-way keeps what it measured.
-                atomic_write_json(Path(args.out) / "frontier.json",
-                                  {"command": command, "settings": vars(args), **cpu, "results": results})
-                atomic_write_text(Path(args.out) / "frontier.md", markdown(results, cpu, command))
-    print(markdown(results, cpu, command))
-
+                atomic_write_json(table, {"commands": commands, "settings": vars(args), **cpu, "results": ordered})
+                atomic_write_text(Path(args.out) / "frontier.md", markdown(ordered, cpu, commands))
+    print(markdown([results[key] for key in sorted(results)], cpu, commands))
 
 if __name__ == "__main__":
     main()
