@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from conftest import assert_one_line_error, run
+from tests.conftest import assert_one_line_error, run
 from cifarx import prefix_cache
 from cifarx.checkpoint import load_model
 from cifarx.config import make_train_config
@@ -105,8 +105,7 @@ def test_each_epoch_draws_plain_or_flipped_copies_per_sample_deterministically()
     config = make_train_config(batch_size=16, seed=0)
 
     def epoch(number):
-        values = torch.cat([x.flatten() for x, _ in inputs.training_batches(config, number, torch.device("cpu"))])
-        return values
+        return torch.cat([x.flatten() for x, _ in inputs.training_batches(config, number, torch.device("cpu"))])
 
     first = epoch(0)
     assert len(first) == n and first.dtype == torch.float32
