@@ -73,7 +73,8 @@ def load_or_compute(path: Path, compute: Callable[[], torch.Tensor], nbytes: int
         else:
             # torch.save straight to the temporary file: a multi-GB cache is not serialised in memory first
             atomic_write(path, lambda temporary: torch.save(tensor, temporary))
-    except (CifarxError, OSError) as error:  # a read-only or full cache only costs time
+    except (CifarxError, OSError, RuntimeError) as error:  # a read-only or full cache only costs time (torch's zip
+        # writer reports a full disk as a RuntimeError)
         warnings.warn(f"could not write feature cache: {error}")
     return tensor, False
 
@@ -141,10 +142,16 @@ class PrefixInputs:
     """The cached prefix activations of a run's training images (plain + flipped) and validation images (plain)."""
 
     def __init__(self, train: torch.Tensor, train_labels: torch.Tensor, val: datamod.ImageSet, seconds: float,
-                 from_cache: bool):
+                 from_cache: bool, per_image_bytes: int = 0):
         self.train, self.train_labels = train, train_labels  # [N,copies,C,H,W] in the cache dtype
         self.val_set = val  # ImageSet whose `images` are [M,C,H,W] activations: train.evaluate takes it as it is
-        self.seconds, self.from_cache = seconds, from_cache
+        self.seconds, self.from_cache, self.per_image_bytes = seconds, from_cache, per_image_bytes
+
+    def summary(self) -> dict:
+        """What the run's summary.json records of the cache (its seconds are part of `train_seconds`)."""
+        return {"prefix_seconds": round(self.seconds, 1), "prefix_from_cache": self.from_cache,
+                "prefix_bytes_per_image": self.per_image_bytes, "prefix_shape": list(self.train.shape[2:]),
+                "cache_dtype": str(self.train.dtype).removeprefix("torch.")}
 
     @classmethod
     def build(cls, model: nn.Module, train_set: datamod.ImageSet, val_set: datamod.ImageSet, config, device: torch.device,
@@ -189,7 +196,7 @@ class PrefixInputs:
         if copies == 1:
             train = train.unsqueeze(1)
         return cls(train, train_set.labels, datamod.ImageSet(val, val_set.labels, val_set.class_names), seconds,
-                   train_cached and val_cached)
+                   train_cached and val_cached, per_image)
 
     @staticmethod
     def view(model: nn.Module) -> FromPrefix:

@@ -232,7 +232,8 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
             reporter.end_epoch(row)
             if stop_early:
                 reporter.message(f"early stop: no better validation accuracy for {config.patience} epochs")
-        return ranks.run_on_main(summarize, run_dir, config, state, val_set, device)
+        extra = prefix.summary() if prefix is not None else {}
+        return ranks.run_on_main(summarize, run_dir, config, state, val_set, device, extra)
 
 
 def _build_model(config: TrainConfig, payload: dict | None, train_set: datamod.ImageSet, device: torch.device,
@@ -290,11 +291,11 @@ def _resumable(resume: str | Path, options: dict) -> tuple[TrainConfig, dict]:
 
 
 def summarize(run_dir: Path, config: TrainConfig, state: RunState, val_set: datamod.ImageSet,
-              device: torch.device) -> dict:
-    """summary.json: final and best validation figures (with TTA if configured) and the training time."""
+              device: torch.device, extra: dict | None = None) -> dict:
+    """summary.json: final and best validation figures (with TTA if configured), the training time and `extra`."""
     from cifarx.checkpoint import load_model
 
-    extra = {}
+    extra = dict(extra or {})
     if config.tta != "none" and len(val_set):
         best_model, _ = load_model(run_dir / "best.pt")
         extra[f"best_val_accuracy_tta_{config.tta}"] = evaluate(

@@ -88,6 +88,8 @@ def test_prefix_run_trains_only_the_trailing_stages_without_running_the_whole_mo
         assert not torch.equal(state[key], stored[key]), key
     # Validation on cached activations is the whole model's validation (float32 cache).
     summary = json.loads((out / "summary.json").read_text())
+    channels, height, width = summary["prefix_shape"]
+    assert summary["prefix_bytes_per_image"] == 2 * 4 * channels * height * width  # plain + flip, float32
     config = make_train_config(data=str(image_folder), val_size=16)
     _, val_set = split_train_val(config)
     assert evaluate(model, val_set, 8, torch.device("cpu"))["accuracy"] == pytest.approx(summary["best_val_accuracy"])
@@ -141,6 +143,7 @@ def test_prefix_run_resumes_to_the_uninterrupted_result(image_folder, tmp_path, 
     reference = train(config("ref", 2))
     train(config("cut", 1))
     resumed = train(resume=tmp_path / "cut", resume_options={"epochs": 2})
+    assert not reference["prefix_from_cache"] and resumed["prefix_from_cache"]  # computed once, then read from disk
     assert resumed["final_val_accuracy"] == reference["final_val_accuracy"]
     ref_state = load_model(tmp_path / "ref" / "last.pt")[0].state_dict()
     for key, value in load_model(tmp_path / "cut" / "last.pt")[0].state_dict().items():
