@@ -1,7 +1,9 @@
 """The one training loop: data -> batches -> objective -> optimiser/schedule/EMA -> validation -> checkpoints.
 
 What the loop calls lives beside it: `batches.py` (the split and each epoch's batches), `optimiser.py` (parameter
-groups, lr schedule, Lookahead), `runfolder.py` (lock, metrics, summary, run state). Read `_train` top to bottom:
+groups, lr schedule, Lookahead), `runfolder.py` (lock, metrics, summary, run state), `prefix_cache.py` (with
+`--freeze N --cached-features`: batches of cached prefix activations and the model's view that takes them, in
+place of image batches and the whole model). Read `_train` top to bottom:
 settings, data, model, optimiser, then epochs of steps, each epoch ending in validation and checkpoints.
 
 Determinism: every epoch draws its order, augmentation and dropout randomness from generators seeded by
