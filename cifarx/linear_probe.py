@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import hashlib
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -30,8 +29,8 @@ from cifarx.batches import check_batches, resolve_device, split_train_val, strea
 from cifarx.checkpoint import save_checkpoint
 from cifarx.config import TrainConfig
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_torch_save
 from cifarx.optimiser import build_optimizer, build_scheduler
+from cifarx.prefix_cache import load_or_compute
 from cifarx.registry import create_model
 
 FEATURE_CACHE_FORMAT = 1
@@ -71,17 +70,7 @@ def cached_features(model: nn.Module, images: torch.Tensor, device: torch.device
     """(features, whether they came from the cache) for `images`; computed ones are written to the cache."""
     cache_dir = cache_dir or datamod.default_cache_dir() / "features"
     path = cache_dir / f"features-{feature_cache_key(model, images)}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True), True
-        except Exception:  # a damaged cache is recomputed, never trusted
-            warnings.warn(f"ignoring unreadable feature cache {path}")
-    features = compute_features(model, images, device, channels_last)
-    try:
-        atomic_torch_save(features, path)
-    except CifarxError as error:  # a read-only cache only costs time
-        warnings.warn(f"could not write feature cache: {error}")
-    return features, False
+    return load_or_compute(path, lambda: compute_features(model, images, device, channels_last))
 
 
 def _accuracy_and_loss(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> dict:

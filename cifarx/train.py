@@ -1,7 +1,9 @@
 """The one training loop: data -> batches -> objective -> optimiser/schedule/EMA -> validation -> checkpoints.
 
 What the loop calls lives beside it: `batches.py` (the split and each epoch's batches), `optimiser.py` (parameter
-groups, lr schedule, Lookahead), `runfolder.py` (lock, metrics, summary, run state). Read `_train` top to bottom:
+groups, lr schedule, Lookahead), `runfolder.py` (lock, metrics, summary, run state), `prefix_cache.py` (with
+`--freeze N --cached-features`: batches of cached prefix activations and the model's view that takes them, in
+place of image batches and the whole model). Read `_train` top to bottom:
 settings, data, model, optimiser, then epochs of steps, each epoch ending in validation and checkpoints.
 
 Determinism: every epoch draws its order, augmentation and dropout randomness from generators seeded by
@@ -32,6 +34,7 @@ from cifarx.errors import CifarxError, TrainingInterrupted
 from cifarx.models.common import TestTimeAugmentation
 from cifarx.objectives import make_objective
 from cifarx.optimiser import Lookahead, build_optimizer, build_scheduler, schedule_warning
+from cifarx.prefix_cache import PrefixInputs
 from cifarx.registry import create_model
 from cifarx.runfolder import Reporter, RunState, SilentReporter
 
@@ -68,7 +71,9 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     warning = schedule_warning(config)
     if warning:
         warnings.warn(warning)
-    if config.cached_features:  # frozen backbone: features once, then the head alone (see linear_probe.py)
+    if config.cached_features and str(config.model_kwargs.get("freeze")) == "all":
+        # frozen backbone: pooled features once, then the head alone (see linear_probe.py); --freeze N goes through
+        # the loop below on cached prefix activations (prefix_cache.py)
         from cifarx.linear_probe import fit_linear_head
 
         return fit_linear_head(config, reporter)
@@ -104,10 +109,19 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     state = RunState() if payload is None else _restore(payload, model, optimizer, scheduler, ema, lookahead,
                                                           objective_state, config)
     state.train_images, state.val_images = len(train_set), len(val_set)
-    step_model, objective = ranks.data_parallel(model, objective)  # one process: both as they are
+    prefix = None
+    if config.cached_features:  # the frozen prefix's activations once per image; the loop trains the rest on them
+        if ranks.world_size > 1:
+            raise CifarxError("--cached-features trains in one process; drop --nproc")
+        # after _restore: a resumed model has its checkpoint's weights only from there on
+        prefix = PrefixInputs.build(model, train_set, val_set, config, device, reporter)
+        state.train_seconds += prefix.seconds  # computing (or loading) the cache is part of what the run cost
+    step_model, objective = ranks.data_parallel(prefix.view(model) if prefix else model, objective)
     step_model = torch.compile(step_model) if config.compile else step_model
-    images_on_device = train_set.images.to(device)
+    images_on_device = train_set.images.to(device) if prefix is None else None
     inference_model = ema.module if ema is not None else model
+    # what validation runs: the whole model on images, or its view from the cached prefix on their activations
+    validation_model, validation_set = (prefix.view(inference_model), prefix.val_set) if prefix else (inference_model, val_set)
 
     def checkpoint(name: str, with_state: bool, metrics: dict) -> None:
         if not ranks.is_main:
@@ -142,7 +156,11 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 torch.manual_seed(ranks.rank_seed(stream_seed(config.seed, epoch, 2)))
             epoch_start = time.perf_counter()
             data_start = time.perf_counter()
-            batches = training_batches(train_set, config, epoch, device, images_on_device, ranks.rank, ranks.world_size)
+            if prefix is not None:
+                batches = prefix.training_batches(config, epoch, device)
+            else:
+                batches = training_batches(train_set, config, epoch, device, images_on_device, ranks.rank,
+                                           ranks.world_size)
             for step, (images, labels) in enumerate(batches):
                 if step < skip:  # replaying a Ctrl-C checkpoint: advance the augmentation RNG, train nothing
                     if step == skip - 1:
@@ -189,7 +207,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                     )
                 data_start = time.perf_counter()
             # Under torchrun rank 0 validates (its weights are the ones saved) and the others receive its figures.
-            validation = ranks.run_on_main(evaluate, inference_model, val_set, config.eval_batch_size, device,
+            validation = ranks.run_on_main(evaluate, validation_model, validation_set, config.eval_batch_size, device,
                                            channels_last=config.channels_last)
             state.train_seconds += time.perf_counter() - epoch_start
             row = runfolder.epoch_row(epoch + 1, state.partial, validation, optimizer.param_groups[0]["lr"],
@@ -216,7 +234,8 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
             reporter.end_epoch(row)
             if stop_early:
                 reporter.message(f"early stop: no better validation accuracy for {config.patience} epochs")
-        return ranks.run_on_main(summarize, run_dir, config, state, val_set, device)
+        extra = prefix.summary() if prefix is not None else {}
+        return ranks.run_on_main(summarize, run_dir, config, state, val_set, device, extra)
 
 
 def _build_model(config: TrainConfig, payload: dict | None, train_set: datamod.ImageSet, device: torch.device,
@@ -274,11 +293,11 @@ def _resumable(resume: str | Path, options: dict) -> tuple[TrainConfig, dict]:
 
 
 def summarize(run_dir: Path, config: TrainConfig, state: RunState, val_set: datamod.ImageSet,
-              device: torch.device) -> dict:
-    """summary.json: final and best validation figures (with TTA if configured) and the training time."""
+              device: torch.device, extra: dict | None = None) -> dict:
+    """summary.json: final and best validation figures (with TTA if configured), the training time and `extra`."""
     from cifarx.checkpoint import load_model
 
-    extra = {}
+    extra = dict(extra or {})
     if config.tta != "none" and len(val_set):
         best_model, _ = load_model(run_dir / "best.pt")
         extra[f"best_val_accuracy_tta_{config.tta}"] = evaluate(
@@ -290,7 +309,9 @@ def summarize(run_dir: Path, config: TrainConfig, state: RunState, val_set: data
 @torch.no_grad()
 def evaluate(model: nn.Module, image_set: datamod.ImageSet, batch_size: int, device: torch.device,
              tta: str = "none", channels_last: bool = False) -> dict:
-    """Mean cross-entropy and top-1 accuracy of `model` on `image_set` (optionally with TTA)."""
+    """Mean cross-entropy and top-1 accuracy of `model` on `image_set` (optionally with TTA).
+
+    `image_set.images` are uint8 images, or float cached prefix activations for a `PrefixInputs.view` model."""
     if len(image_set) == 0:
         return {"loss": float("nan"), "accuracy": float("nan")}
     was_training = model.training
@@ -298,7 +319,8 @@ def evaluate(model: nn.Module, image_set: datamod.ImageSet, batch_size: int, dev
     net = TestTimeAugmentation(model, tta) if tta != "none" else model
     loss_sum, correct = 0.0, 0
     for index in datamod.iterate_batches(len(image_set), batch_size, None, drop_last=False):
-        images = datamod.to_float(image_set.images[index]).to(device)
+        images = image_set.images[index]
+        images = (datamod.to_float(images) if images.dtype == torch.uint8 else images.float()).to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = image_set.labels[index].to(device)

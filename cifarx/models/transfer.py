@@ -223,6 +223,42 @@ class TimmClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self._prepare(x))
 
+    def feature_layers(self) -> list[nn.Module]:
+        """The backbone's feature layers in execution order (timm's EfficientNet.forward_features, stage by stage)."""
+        from timm.models.efficientnet import EfficientNet
+
+        if not isinstance(self.backbone, EfficientNet):
+            raise CifarxError(f"--cached-features with --freeze N supports timm's EfficientNet family, not "
+                              f"{self.export_metadata['backbone']}; use --freeze all (linear probe) or no --cached-features")
+        backbone = self.backbone
+        return [backbone.conv_stem, backbone.bn1, *backbone.blocks, backbone.conv_head, backbone.bn2]
+
+    @property
+    def prefix_depth(self) -> int:
+        """How many leading feature layers are frozen: `forward_prefix` runs them, `forward_from_prefix` the rest."""
+        depth = 0
+        for layer in self.feature_layers():
+            if any(p.requires_grad for p in layer.parameters()):
+                break
+            depth += 1
+        return depth
+
+    def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations after the frozen layers (normalise, resize, stem, frozen stages) of a [B,3,32,32] batch in [0,1].
+
+        Frozen layers are in eval mode whatever `train()` says, so these are the same in training and evaluation:
+        they can be computed once per image and cached (cifarx/prefix_cache.py)."""
+        x = self._prepare(x)
+        for layer in self.feature_layers()[: self.prefix_depth]:
+            x = layer(x)
+        return x
+
+    def forward_from_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from `forward_prefix` activations: `forward_from_prefix(forward_prefix(x)) == forward(x)`."""
+        for layer in self.feature_layers()[self.prefix_depth :]:
+            x = layer(x)
+        return self.backbone.forward_head(x)
+
 
 def _check_weights_file(path: Path, name: str, num_classes: int, timm_kwargs: dict) -> None:
     """Refuse a --weights file that is not this backbone's: timm loads files non-strictly, so one sharing no names with

@@ -1,0 +1,59 @@
+"""CPU time per image of a --freeze N training step, with and without the cached prefix, and of one prefix pass.
+
+Lite0 (the package's weights) at --img-size, batch 32, one thread, process CPU time (robust to other jobs sharing
+the cores, though not to their cache pressure). Prints one line.
+
+    nice -n 19 python benchmarks/prefix_step_cost.py --img-size 160 --freeze 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from cifarx.models.transfer import LITE0_PACKAGE, create_timm_classifier
+from cifarx.prefix_cache import FromPrefix
+
+
+def cpu_ms_per_image(step, batch: int, repeats: int = 3) -> float:
+    step()  # warm-up: allocator and kernel choice
+    start = time.process_time()
+    for _ in range(repeats):
+        step()
+    return round((time.process_time() - start) / repeats / batch * 1000, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--img-size", type=int, default=160)
+    parser.add_argument("--freeze", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_timm_classifier("tf_efficientnet_lite0", num_classes=10, img_size=args.img_size,
+                                   weights=LITE0_PACKAGE, freeze=args.freeze).train()
+    images, labels = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-4)
+    with torch.no_grad():
+        activations = model.forward_prefix(images)
+
+    def step(net, inputs):
+        loss = torch.nn.functional.cross_entropy(net(inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    print(json.dumps({
+        "img_size": args.img_size, "freeze": args.freeze,
+        "whole_model_step_ms": cpu_ms_per_image(lambda: step(model, images), args.batch),
+        "cached_prefix_step_ms": cpu_ms_per_image(lambda: step(FromPrefix(model), activations), args.batch),
+        "prefix_pass_ms": cpu_ms_per_image(lambda: torch.no_grad()(model.forward_prefix)(images), args.batch),
+    }))
+
+
+if __name__ == "__main__":
+    main()

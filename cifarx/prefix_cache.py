@@ -1,0 +1,213 @@
+"""Partial fine-tuning that costs only what it trains: the frozen prefix's activations computed once per image.
+
+With `--freeze N --cached-features` (a timm EfficientNet, N trailing stages trained), the frozen layers (normalise,
+resize, stem, the frozen stages) are in eval mode whatever the step, so their output for an image never changes:
+it is computed ONCE per image, batch-wise, for the plain image and its horizontal flip (train) or the plain image
+(validation), kept in a compact dtype (`cache_dtype`, float16 by default) in memory and cached on disk beside the
+linear probe's features. The one training loop (train.py) then trains the trailing stages and the head on them:
+
+- `PrefixInputs.view(model)` is the model seen from the activations: its forward is the model's
+  `forward_from_prefix`, with the model's own parameters (not a copy), so the optimiser, EMA, schedule and
+  checkpoints see the ordinary whole model and a checkpoint exports like any other.
+- `PrefixInputs.training_batches` replaces the image batches: each epoch, seeded by (seed, epoch) like the image
+  batches, a shuffled order and, per sample, the plain or the flipped copy. Crop, cutout and per-image policies
+  cannot act on activations and are not applied.
+
+Why flips are computed rather than flipping activations: 'same' padding and stride-2 convolutions on even sizes
+are not mirror-symmetric, so the flip of an image's activation is not the activation of its flip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from cifarx import data as datamod
+from cifarx.batches import stream_seed
+from cifarx.errors import CifarxError
+from cifarx.io import atomic_write
+
+CACHE_FORMAT = 1
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # config.CACHE_DTYPES
+PREFIX_BATCH_SIZE = 64  # images per prefix pass: bounds the memory of upsampled activations (224 px: ~1 GB)
+# The cache may take this share of MemAvailable: the trailing stages' activations and gradients, the images and
+# every other process of the machine need the rest.
+MEMORY_SHARE = 0.7
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (/proc/meminfo MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def load_or_compute(path: Path, compute: Callable[[], torch.Tensor], nbytes: int | None = None) -> tuple[torch.Tensor, bool]:
+    """(tensor, whether it came from the cache file `path`); a computed one is written there when the disk has room.
+
+    Large caches are memory-mapped on load, so reading one back costs page cache, not a second copy in memory.
+    """
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+        except Exception:  # a damaged cache is recomputed, never trusted
+            warnings.warn(f"ignoring unreadable feature cache {path}")
+    tensor = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        needed = nbytes or tensor.numel() * tensor.element_size()
+        if shutil.disk_usage(path.parent).free < 1.2 * needed + (1 << 30):
+            warnings.warn(f"not caching {needed / 2**30:.2f} GiB of features in {path.parent}: too little free disk")
+        else:
+            # torch.save straight to the temporary file: a multi-GB cache is not serialised in memory first
+            atomic_write(path, lambda temporary: torch.save(tensor, temporary))
+    except (CifarxError, OSError, RuntimeError) as error:  # a read-only or full cache only costs time (torch's zip
+        # writer reports a full disk as a RuntimeError)
+        warnings.warn(f"could not write feature cache: {error}")
+    return tensor, False
+
+
+def prefix_cache_key(model: nn.Module, images: torch.Tensor, dtype: torch.dtype, copies: int) -> str:
+    """Hash of what the prefix activations depend on: backbone, size, freeze point, dtype, copies, the prefix's
+    tensors (normalisation included) and the images; the trained stages do not enter it, so resuming reuses it."""
+    depth = model.prefix_depth
+    digest = hashlib.sha256(f"prefix v{CACHE_FORMAT}|{model.export_metadata['backbone']}|{model.resize_to}|"
+                            f"{depth}|{dtype}|{copies}".encode())
+    layers = [model.normalize, *model.feature_layers()[:depth]]
+    for index, layer in enumerate(layers):
+        for name, tensor in layer.state_dict().items():
+            if not name.endswith("num_batches_tracked"):
+                digest.update(f"{index}.{name}".encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def prefix_shape(model: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) of one image's prefix activations."""
+    was_training = model.training
+    model.eval()
+    shape = tuple(model.forward_prefix(torch.zeros(1, 3, 32, 32, device=model.normalize.mean.device)).shape[1:])
+    model.train(was_training)
+    return shape
+
+
+@torch.no_grad()
+def compute_prefix(model: nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype, flip: bool,
+                   channels_last: bool = False) -> torch.Tensor:
+    """Prefix activations of uint8 images [N,3,32,32], in batches, model in eval mode: [N,2,C,H,W] (plain, flipped)
+    when `flip`, else [N,C,H,W]; in `dtype` on the CPU, written into one preallocated tensor (no second copy)."""
+    was_training = model.training
+    model.eval()
+    copies = 2 if flip else 1
+    out = torch.empty((len(images), copies, *prefix_shape(model)), dtype=dtype)
+    for index in datamod.iterate_batches(len(images), PREFIX_BATCH_SIZE, None, drop_last=False):
+        batch = datamod.to_float(images[index]).to(device)
+        versions = (batch, batch.flip(3)) if flip else (batch,)
+        for copy, version in enumerate(versions):
+            if channels_last:
+                version = version.contiguous(memory_format=torch.channels_last)
+            out[index, copy] = model.forward_prefix(version).to("cpu", dtype)
+    model.train(was_training)
+    return out if flip else out[:, 0]
+
+
+class FromPrefix(nn.Module):
+    """`model` seen from its cached prefix activations: forward is `model.forward_from_prefix` on the model's own
+    parameters (a view, not a copy), so training it trains `model`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_from_prefix(activations.float())
+
+
+class PrefixInputs:
+    """The cached prefix activations of a run's training images (plain + flipped) and validation images (plain)."""
+
+    def __init__(self, train: torch.Tensor, train_labels: torch.Tensor, val: datamod.ImageSet, seconds: float,
+                 from_cache: bool, per_image_bytes: int = 0):
+        self.train, self.train_labels = train, train_labels  # [N,copies,C,H,W] in the cache dtype
+        self.val_set = val  # ImageSet whose `images` are [M,C,H,W] activations: train.evaluate takes it as it is
+        self.seconds, self.from_cache, self.per_image_bytes = seconds, from_cache, per_image_bytes
+
+    def summary(self) -> dict:
+        """What the run's summary.json records of the cache (its seconds are part of `train_seconds`)."""
+        return {"prefix_seconds": round(self.seconds, 1), "prefix_from_cache": self.from_cache,
+                "prefix_bytes_per_image": self.per_image_bytes, "prefix_shape": list(self.train.shape[2:]),
+                "cache_dtype": str(self.train.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def build(cls, model: nn.Module, train_set: datamod.ImageSet, val_set: datamod.ImageSet, config, device: torch.device,
+              reporter, memory: int | None = None) -> "PrefixInputs":
+        """Check the cache fits (one line if not), then compute or load it; `memory` defaults to MemAvailable."""
+        start = time.perf_counter()
+        if not hasattr(model, "forward_prefix"):
+            raise CifarxError("--cached-features is for timm/<name> models with --freeze")
+        if model.prefix_depth == 0:
+            raise CifarxError("--cached-features needs a frozen backbone prefix: --freeze all, or --freeze N with N "
+                              "smaller than the backbone's stages")
+        if (train_set.labels < 0).any():
+            raise CifarxError("cached prefix activations train supervised stages: unlabelled images are not supported")
+        if config.objective != "supervised":
+            raise CifarxError(f"--cached-features trains with the supervised objective, not {config.objective}")
+        dtype = DTYPES[config.cache_dtype]
+        copies = 2 if "flip" in config.augment else 1
+        shape = prefix_shape(model)
+        per_image = copies * dtype.itemsize * int(torch.tensor(shape).prod())
+        train_bytes = per_image * len(train_set)
+        total = train_bytes + per_image // copies * len(val_set)
+        memory = available_memory() if memory is None else memory
+        cost = (f"{'x'.join(map(str, shape))} {config.cache_dtype} x {copies} ({'plain + flip' if copies == 2 else 'plain'})"
+                f" = {per_image / 1024:.1f} KiB per image, {total / 2**30:.2f} GiB for {len(train_set)} + {len(val_set)} images")
+        if memory is not None and total > MEMORY_SHARE * memory:
+            raise CifarxError(f"the cached prefix would not fit in memory: {cost}, over {MEMORY_SHARE:.0%} of the "
+                              f"{memory / 2**30:.2f} GiB available; train more stages (--freeze), a smaller "
+                              "--img-size or a smaller cache_dtype")
+        reporter.message(f"cached prefix at {model.resize_to}px: {cost}")
+        cache_dir = datamod.default_cache_dir() / "features"
+
+        def cached(images: torch.Tensor, flip: bool, nbytes: int) -> tuple[torch.Tensor, bool]:
+            path = cache_dir / f"prefix-{prefix_cache_key(model, images, dtype, 2 if flip else 1)}.pt"
+            return load_or_compute(path, lambda: compute_prefix(model, images, device, dtype, flip,
+                                                                config.channels_last), nbytes)
+
+        train, train_cached = cached(train_set.images, copies == 2, train_bytes)
+        val, val_cached = cached(val_set.images, False, total - train_bytes)
+        seconds = time.perf_counter() - start
+        reporter.message(f"prefix activations {'loaded from the cache' if train_cached and val_cached else 'computed'}"
+                         f" in {seconds:.1f}s")
+        if copies == 1:
+            train = train.unsqueeze(1)
+        return cls(train, train_set.labels, datamod.ImageSet(val, val_set.labels, val_set.class_names), seconds,
+                   train_cached and val_cached, per_image)
+
+    @staticmethod
+    def view(model: nn.Module) -> FromPrefix:
+        """The step model (or the EMA's validation model) that takes activations instead of images."""
+        return FromPrefix(model)
+
+    def training_batches(self, config, epoch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's (activations, labels) batches, deterministic in (seed, epoch): a shuffled order (the image
+        batches' stream) and, per sample, its plain or flipped copy (the augmentation stream)."""
+        order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
+        flips = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 1))
+        copy = torch.randint(self.train.shape[1], (len(self.train),), generator=flips)
+        for index in datamod.iterate_batches(len(self.train), config.batch_size, order, drop_last=True):
+            yield self.train[index, copy[index]].to(device).float(), self.train_labels[index].to(device)
