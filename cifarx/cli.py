@@ -158,7 +158,7 @@ class RichReporter:
 @click.option("--warmup-epochs", type=float)
 @click.option("--label-smoothing", type=float)
 @click.option("--ema-decay", type=float, help="parameter EMA decay per step (0 = off)")
-@click.option("--augment", help="comma list of crop,flip,cutout,rotate,autoaugment,erasing ('' for none)")
+@click.option("--augment", help="comma list of crop,flip,alternating-flip,cutout,rotate,autoaugment,erasing ('' for none)")
 @click.option("--tta", type=click.Choice(["none", "flip", "flip-translate"]), help="test-time augmentation for the final validation")
 @click.option("--val-size", type=int, help="validation images carved from train (default 5000)")
 @click.option("--train-size", type=int, help="train on only this many images (stratified)")

@@ -16,7 +16,8 @@ from cifarx.errors import CifarxError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "multistep", "cosine", "linear", "onecycle")
-AUGMENTATIONS = ("crop", "flip", "cutout", "rotate", "autoaugment", "erasing")
+# alternating-flip: each image flipped in every other epoch (airbench), instead of flip's coin per image and epoch
+AUGMENTATIONS = ("crop", "flip", "alternating-flip", "cutout", "rotate", "autoaugment", "erasing")
 TTA_MODES = ("none", "flip", "flip-translate")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")  # cached prefix activations (prefix_cache.py)
 TRANSLATE_MODES = ("reflect", "constant")  # the padding modes both torch.nn.functional.pad and torchvision's RandomCrop know
@@ -84,6 +85,13 @@ class TrainConfig:
     lookahead_every: int = 0  # every this many steps pull the weights to their running average; 0 = off
     lookahead_decay: float = 0.95**5  # the average's decay at the end of training...
     lookahead_power: float = 3.0  # ...reached as decay x progress**power: weak early, strong as the lr anneals
+    # Muon (torch.optim.Muon) for the conv filter banks, `optimizer` for every other parameter; its lr follows the
+    # same schedule. Its steps are orthogonalised (their size is the lr's, whatever the gradient's or batch's), and
+    # each filter bank is kept at norm sqrt(out channels) instead of being decayed (airbench94_muon: lr 0.24, momentum
+    # 0.6, Nesterov)
+    muon: bool = False
+    muon_lr: float = 0.24
+    muon_momentum: float = 0.6
     # augmentation (training batches only)
     augment: list[str] = field(default_factory=lambda: ["crop", "flip"])
     crop_padding: int = 4
@@ -91,6 +99,7 @@ class TrainConfig:
     cutout_size: int = 16
     rotate_degrees: float = 15.0
     whiten_init: bool = True  # models with a patch-whitening first conv initialise it from training images
+    whiten_bias_epochs: int | None = None  # the whitening conv's bias trains for this many epochs, then is frozen; None = all
     tta: str = "none"  # test-time augmentation for the final validation
     # machine
     device: str = "cpu"
@@ -109,14 +118,15 @@ class TrainConfig:
     def validate(self) -> None:
         """Reject values that cannot make a run, with one clear line."""
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "eval_batch_size": self.eval_batch_size,
-                    "backbone_lr_scale": self.backbone_lr_scale}
+                    "backbone_lr_scale": self.backbone_lr_scale, "muon_lr": self.muon_lr}
         for name, value in positive.items():
             if value is None or not value > 0 or not math.isfinite(value):  # `not >` also refuses NaN
                 raise CifarxError(f"--{name.replace('_', '-')} must be positive, got {value}")
         self._validate_numbers()
         at_least = {"train_size": (self.train_size or 0, 0), "threads": (self.threads or 0, 0), "workers": (self.workers, 0),
                     "warmup_epochs": (self.warmup_epochs, 0), "crop_padding": (self.crop_padding, 0),
-                    "cutout_size": (self.cutout_size, 0), "ema_every": (self.ema_every, 1)}
+                    "cutout_size": (self.cutout_size, 0), "ema_every": (self.ema_every, 1),
+                    "whiten_bias_epochs": (self.whiten_bias_epochs or 0, 0)}
         for name, (value, minimum) in at_least.items():
             if not value >= minimum:
                 raise CifarxError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -132,6 +142,8 @@ class TrainConfig:
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]
         if unknown:
             raise CifarxError(f"unknown augmentation {unknown}; choose from {', '.join(AUGMENTATIONS)}")
+        if {"flip", "alternating-flip"} <= set(self.augment):
+            raise CifarxError("give flip (a coin per image and epoch) or alternating-flip (every other epoch), not both")
         from cifarx.registry import list_models, unknown_model_error
 
         if not self.model.startswith("timm/") and self.model not in list_models():
@@ -148,7 +160,7 @@ class TrainConfig:
             if _has_type(value, float) and float in _types_of(hints[item.name]) and not math.isfinite(value):
                 raise CifarxError(f"--{item.name.replace('_', '-')} must be a finite number, got {value}")
         # (lowest, highest, whether the highest itself is allowed); the side is 32 pixels
-        ranges = {"momentum": (0, 1, False), "norm_lr_scale": (0, math.inf, True), "gamma": (0, math.inf, True),
+        ranges = {"momentum": (0, 1, False), "muon_momentum": (0, 1, False), "norm_lr_scale": (0, math.inf, True), "gamma": (0, math.inf, True),
                   "initial_lr_fraction": (0, 1, True), "final_lr_fraction": (0, 1, True),
                   "lookahead_decay": (0, 1, False), "lookahead_power": (0, math.inf, True),
                   "rotate_degrees": (0, 180, True), "dist_timeout": (0, math.inf, True),

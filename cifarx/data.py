@@ -245,11 +245,14 @@ def random_crop_flip_cutout(
     images: torch.Tensor,
     generator: torch.Generator | None,
     pad: int = 4,
-    flip: bool = True,
+    flip: bool | torch.Tensor = True,
     cutout: int = 0,
     translate_mode: str = "reflect",
 ) -> torch.Tensor:
-    """Batch-wise augmentation of float [B,3,H,W]: random pad-and-crop (translate), horizontal flip, cutout."""
+    """Batch-wise augmentation of float [B,3,H,W]: random pad-and-crop (translate), horizontal flip, cutout.
+
+    `flip`: True flips each image on a coin toss; a bool tensor [B] flips exactly the images it marks.
+    """
     batch, _, height, width = images.shape
     device = images.device  # random draws stay on the CPU generator (the same numbers on any device)
     if pad:
@@ -260,8 +263,8 @@ def random_crop_flip_cutout(
         cols = (dx[:, None] + torch.arange(width))[:, None, None, :].to(device)
         images = padded[torch.arange(batch, device=device)[:, None, None, None],
                         torch.arange(3, device=device)[None, :, None, None], rows, cols]
-    if flip:
-        flipped = (torch.rand(batch, generator=generator) < 0.5).to(device)
+    if isinstance(flip, torch.Tensor) or flip:
+        flipped = (flip if isinstance(flip, torch.Tensor) else torch.rand(batch, generator=generator) < 0.5).to(device)
         images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
     if cutout:
         # A cutout x cutout square of zeros centred at a random pixel, clipped at the borders.

@@ -33,7 +33,7 @@ from cifarx.config import TrainConfig, resumed_config
 from cifarx.errors import CifarxError, TrainingInterrupted
 from cifarx.models.common import TestTimeAugmentation
 from cifarx.objectives import make_objective
-from cifarx.optimiser import Lookahead, build_optimizer, build_scheduler, schedule_warning
+from cifarx.optimiser import Lookahead, build_optimizer, build_scheduler, schedule_warning, train_whitening_bias
 from cifarx.prefix_cache import PrefixInputs
 from cifarx.registry import create_model
 from cifarx.runfolder import Reporter, RunState, SilentReporter
@@ -97,6 +97,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     if objective_state is not None:
         objective_state.to(device)
     optimizer = build_optimizer(model, config)
+    _check_whitening_bias(model, config, ranks)
     steps_per_epoch = len(train_set) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     scheduler = build_scheduler(optimizer, steps_per_epoch, config)
@@ -150,6 +151,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
         while state.epoch < config.epochs:
             epoch = state.epoch
             model.train()
+            train_whitening_bias(model, epoch, config)
             reporter.start_epoch(epoch, config.epochs, steps_per_epoch)
             skip = state.step_in_epoch
             if skip == 0:
@@ -255,6 +257,18 @@ def _build_model(config: TrainConfig, payload: dict | None, train_set: datamod.I
     if config.sync_bn:  # under torchrun; checkpoints keep plain BatchNorm keys
         model = ranks.sync_batchnorm(model)
     return model, model_kwargs
+
+
+def _check_whitening_bias(model: nn.Module, config: TrainConfig, ranks: distributed.Ranks) -> None:
+    """Refuse `whiten_bias_epochs` for a model without a whitening conv, and under torchrun (DDP's static graph
+    expects the parameters of its first step in every step)."""
+    if config.whiten_bias_epochs is None:
+        return
+    if not isinstance(getattr(model, "whiten", None), nn.Conv2d) or model.whiten.bias is None:
+        raise CifarxError(f"whiten_bias_epochs needs a model with a whitening conv and its bias (fast); {config.model} has none")
+    if ranks.is_distributed:
+        raise CifarxError("whiten_bias_epochs freezes a parameter mid-run, which DistributedDataParallel does not allow; "
+                          "leave it unset under --nproc")
 
 
 def _restore(payload: dict, model: nn.Module, optimizer, scheduler, ema, lookahead, objective_state,

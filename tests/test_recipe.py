@@ -149,3 +149,165 @@ def test_lookahead_run_resumes_exactly(image_folder, tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert all(torch.equal(a["lookahead"][k], b["lookahead"][k]) for k in a["lookahead"])
+
+
+def test_muon_steps_the_conv_filters_and_the_other_optimiser_the_rest():
+    import copy
+
+    from cifarx.optimiser import MuonForFilters, lr_factor
+
+    torch.manual_seed(0)
+    model = create_model("fast").to(memory_format=torch.channels_last)  # as the loop trains it: no flat view exists
+    plain = copy.deepcopy(model)
+    config = TrainConfig(model="fast", optimizer="sgd", lr=0.1, momentum=0.85, nesterov=True, norm_lr_scale=4.0,
+                         weight_decay=0.01, muon=True, muon_lr=0.2, muon_momentum=0.6)
+    optimizer = build_optimizer(model, config)
+    assert isinstance(optimizer, MuonForFilters)
+    filters = {name for name, p in model.named_parameters() if p.ndim == 4 and p.requires_grad}
+    assert len(filters) == 6 and "whiten.weight" not in filters  # the frozen whitening filters are not Muon's
+    others = {id(p) for g in optimizer.others.param_groups for p in g["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) in others} == \
+        {n for n, p in model.named_parameters() if p.requires_grad} - filters
+
+    images = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(8) % 10
+    for net in (model, plain):
+        F.cross_entropy(net(images), labels).backward()
+    # What Muon alone does to one filter bank, as a matrix [out, in*k*k] rescaled to norm sqrt(out) first
+    weight, grad = model.body[1][4].weight.detach(), model.body[1][4].weight.grad
+    matrix = weight.reshape(len(weight), -1).clone()
+    matrix.mul_(len(matrix) ** 0.5 / matrix.norm())
+    matrix.grad = grad.reshape(len(grad), -1).clone()
+    torch.optim.Muon([matrix], lr=0.2, momentum=0.6, nesterov=True, weight_decay=0.0).step()
+    # ...and what the configured SGD alone does to everything else
+    reference = torch.optim.SGD(parameter_groups(plain, config, leave_out=[p for p in plain.parameters() if p.ndim == 4]),
+                                lr=0.1, momentum=0.85, nesterov=True)
+    optimizer.step()
+    reference.step()
+    assert torch.allclose(model.body[1][4].weight, matrix.view_as(weight), atol=1e-6)
+    assert not torch.allclose(model.body[1][4].weight, plain.body[1][4].weight)  # SGD would have stepped it elsewhere
+    stepped, unstepped = dict(model.named_parameters()), dict(plain.named_parameters())
+    for name in stepped.keys() - filters:
+        assert torch.equal(stepped[name], unstepped[name]), name  # stepped by SGD, untouched by Muon
+    assert torch.equal(model.whiten.weight, plain.whiten.weight)
+
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+    # One schedule for both: every group's lr, Muon's too, is its peak lr x the step's factor.
+    from cifarx.optimiser import build_scheduler
+
+    config.schedule, config.warmup_epochs, config.epochs = "linear", 1, 2
+    scheduler = build_scheduler(optimizer, 10, config)
+    for _ in range(3):
+        optimizer.step()  # no gradients: moves nothing
+        scheduler.step()
+    factor = lr_factor(3, 20, 10, config)
+    assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(0.2 * factor)
+    assert [g["lr"] for g in optimizer.others.param_groups] == pytest.approx([0.1 * factor, 0.4 * factor])
+
+
+def _train_until_interrupted(config, steps: int) -> None:
+    """Train `config` and interrupt it after `steps` steps as a user's Ctrl-C does (the loop sees it a step later)."""
+    import os
+    import signal
+
+    from cifarx.errors import TrainingInterrupted
+    from cifarx.runfolder import SilentReporter
+    from cifarx.train import train
+
+    class InterruptAt(SilentReporter):
+        def __init__(self):
+            self.steps = 0
+
+        def advance(self, loss):
+            self.steps += 1
+            if self.steps == steps:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(config, reporter=InterruptAt())
+
+
+def test_muon_run_resumes_exactly(image_folder, tmp_path):
+    from cifarx.config import make_train_config
+
+    def config(name):
+        return make_train_config(model="fast", data=str(image_folder), epochs=2, batch_size=16, val_size=16,
+                                 out=str(tmp_path / name), optimizer="sgd", lr=0.05, lookahead_every=2,
+                                 schedule="linear", warmup_epochs=0.5, muon=True)
+
+    from cifarx.checkpoint import read_checkpoint
+    from cifarx.train import train
+
+    train(config("ref"))
+    _train_until_interrupted(config("cut"), steps=7)  # mid-way through epoch 2 of 5 steps each
+    train(resume=tmp_path / "cut")
+    a, b = (read_checkpoint(tmp_path / name / "last.pt")["train_state"] for name in ("ref", "cut"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    muon_a, muon_b = a["optimizer"]["muon"], b["optimizer"]["muon"]
+    assert len(muon_a["state"]) == 6  # a momentum buffer per filter bank, saved and restored
+    for index, state in muon_a["state"].items():
+        assert torch.equal(state["momentum_buffer"], muon_b["state"][index]["momentum_buffer"])
+    assert muon_a["param_groups"][0]["lr"] == muon_b["param_groups"][0]["lr"]
+
+
+def test_whitening_bias_trains_for_its_epochs_then_stays_and_bn_scales_never_move(image_folder, tmp_path):
+    from cifarx.checkpoint import read_checkpoint
+    from cifarx.config import make_train_config
+    from cifarx.train import train
+
+    out = tmp_path / "run"
+    # Lookahead on (every 2 of the 5 steps an epoch): its average would otherwise pull the frozen bias once more.
+    _train_until_interrupted(make_train_config(model="fast", data=str(image_folder), epochs=3, batch_size=16,
+                                               val_size=16, out=str(out), optimizer="sgd", lr=0.05, lookahead_every=2,
+                                               whiten_bias_epochs=1), steps=4)  # seen at step 5: epoch 1's last
+    first = read_checkpoint(out / "last.pt")["train_state"]["model"]
+    assert read_checkpoint(out / "last.pt")["train_state"]["run"]["global_step"] == 5
+    assert first["whiten.bias"].abs().sum() > 0  # trained in epoch 1 (it starts at zero)
+    train(resume=out)
+    last = read_checkpoint(out / "last.pt")["train_state"]["model"]
+    assert torch.equal(last["whiten.bias"], first["whiten.bias"])
+    assert torch.equal(last["whiten.weight"], first["whiten.weight"])
+    assert not torch.equal(last["head.weight"], first["head.weight"])  # the rest trained on
+    scales = [key for key in last if key.endswith(".weight") and key.replace(".weight", ".running_mean") in last]
+    assert len(scales) == 6
+    for key in scales:
+        assert torch.equal(last[key], torch.ones_like(last[key])), key  # BatchNorm scales: fixed at 1 all along
+    model = create_model("fast")
+    assert not any(model.get_parameter(key).requires_grad for key in scales)
+
+
+def test_whiten_bias_epochs_needs_a_whitening_conv(image_folder, tmp_path):
+    from cifarx.config import make_train_config
+    from cifarx.errors import CifarxError
+    from cifarx.train import train
+
+    config = make_train_config(model="simple-cnn", data=str(image_folder), epochs=1, batch_size=16, val_size=16,
+                               out=str(tmp_path / "run"), whiten_bias_epochs=2)
+    with pytest.raises(CifarxError, match="whitening conv"):
+        train(config)
+    assert not (tmp_path / "run").exists()  # refused before the run folder was written
+
+
+def test_alternating_flip_flips_each_image_every_other_epoch():
+    from cifarx.batches import check_batches, training_batches
+    from cifarx.data import ImageSet
+    from cifarx.errors import CifarxError
+
+    count = 32
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8)
+    image_set = ImageSet(images, torch.arange(count), [str(i) for i in range(count)])  # label = the image's index
+    config = TrainConfig(augment=["alternating-flip"], batch_size=8, seed=3)
+    flipped = torch.zeros(4, count, dtype=torch.bool)
+    for epoch in range(4):
+        for batch, labels in training_batches(image_set, config, epoch, torch.device("cpu"), images):
+            for image, label in zip(batch, labels):
+                original = images[label].float() / 255
+                assert torch.equal(image, original) or torch.equal(image, original.flip(-1))
+                flipped[epoch, label] = torch.equal(image, original.flip(-1))
+    assert (flipped[1:] != flipped[:-1]).all()  # every image changes side every epoch
+    assert 0 < flipped[0].sum() < count  # the first epoch's sides are a coin per image
+    with pytest.raises(CifarxError, match="batch-wise"):  # torchvision's per-image path has no such flip
+        check_batches(image_set, TrainConfig(augment=["alternating-flip", "rotate"], batch_size=8))

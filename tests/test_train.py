@@ -100,7 +100,9 @@ def test_early_stopping_stops(image_folder, tmp_path):
     assert summary["epochs_run"] < 30
 
 
-@pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("optimizer", "sgdx")])
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("optimizer", "sgdx"),
+                                         ("augment", ["flip", "alternating-flip"]), ("muon_momentum", 1.0),
+                                         ("muon_lr", float("nan")), ("whiten_bias_epochs", -1)])
 def test_invalid_settings_are_refused(field, value):
     with pytest.raises(CifarxError):
         make_train_config(**{field: value})
@@ -166,3 +168,13 @@ def test_ema_warmup_makes_a_short_run_judged_on_recent_weights_not_the_initial_o
         distances[warmup] = sum((trained[k].float() - averaged[k].float()).norm() for k in trained
                                 if trained[k].is_floating_point())
     assert distances[True] < distances[False] / 2
+
+
+def test_alternating_flip_run_resumes_with_the_same_flips(image_folder, tmp_path):
+    config = dict(augment=["crop", "alternating-flip"])
+    reference = train(tiny_config(image_folder, tmp_path / "ref", **config))
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_config(image_folder, tmp_path / "cut", **config), reporter=InterruptAt(7))  # epoch 2: the flipped one
+    resumed = train(resume=tmp_path / "cut")
+    assert resumed["final_val_accuracy"] == reference["final_val_accuracy"]
+    assert_same_weights(final_weights(tmp_path / "cut"), final_weights(tmp_path / "ref"))

@@ -1,0 +1,125 @@
+"""airbench's remaining levers, one at a time, on `--preset fast` (issue 18): each lever is an option of the one
+training loop, switched on alone over the preset (and all together), over one or more seeds, 45k/5k.
+
+    baseline          the preset as it is
+    muon              torch.optim.Muon for the conv filter banks (lr 0.24, momentum 0.6), SGD for the rest
+    alternating-flip  each image flipped in every other epoch instead of on a coin per epoch
+    whiten-bias       the whitening bias trained for the first --whiten-bias-epochs epochs, then frozen
+    all               the three together
+
+Per run: best validation accuracy, with the preset's test-time augmentation, final accuracy, the loop's training
+seconds and the run's wall time; the table adds mean +- std per lever over the seeds, and the CPU and its ISA flags
+(an AVX2-only machine of this kind trains about twice as slowly as an AVX-512 one). Smoke test (minutes):
+
+    nice -n 19 python benchmarks/fast_levers.py --epochs 1 --train-size 2048 --val-size 500 --seeds 0 \
+        --levers baseline,muon --out /tmp/levers-smoke
+
+A run folder OUT/<lever>-seed<S>/ that already holds a finished run (summary.json) is reused, not retrained, so
+seeds or levers can be added later. Writes OUT/fast_levers.json (every summary, the settings, the CPU, this
+command) and OUT/fast_levers.md (rows for docs/benchmarks.md) after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
+
+from cifarx.cli import RichReporter
+from cifarx.config import load_preset, make_train_config
+from cifarx.io import atomic_write_json, atomic_write_text
+from cifarx.train import train
+
+
+def lever_settings(args: argparse.Namespace) -> dict[str, dict]:
+    """Each lever's settings over the preset."""
+    augment = [a for a in load_preset(args.preset)["augment"] if a != "flip"] + ["alternating-flip"]
+    levers = {"baseline": {}, "muon": {"muon": True}, "alternating-flip": {"augment": augment},
+              "whiten-bias": {"whiten_bias_epochs": args.whiten_bias_epochs}}
+    levers["all"] = {k: v for lever in levers.values() for k, v in lever.items()}
+    return levers
+
+
+def run_lever(lever: str, settings: dict, seed: int, args: argparse.Namespace) -> dict:
+    """Train the preset with one lever's settings (or reuse the finished run); its summary plus what it ran with."""
+    budget = {"epochs": args.epochs, "train_size": args.train_size, "threads": args.threads}
+    config = make_train_config(args.preset, settings=settings, data=args.data, val_size=args.val_size,
+                               seed=seed, out=str(Path(args.out) / f"{lever}-seed{seed}"), **budget)
+    record = {"lever": lever, "seed": seed, "settings": settings, "epochs": config.epochs}
+    finished = Path(config.out) / "summary.json"
+    if finished.exists():  # a benchmark stopped half-way (or extended by seeds) does not train a finished run again
+        print(f"== {lever} seed {seed}: reusing the finished run {config.out}")
+        return {**record, "reused": True, **json.loads(finished.read_text())}
+    print(f"== {lever} seed {seed}: {settings or 'the preset as it is'} -> {config.out}", flush=True)
+    start = time.perf_counter()
+    summary = train(config, reporter=RichReporter())
+    return {**record, "wall_seconds": round(time.perf_counter() - start, 1), **summary}
+
+
+def with_tta(summary: dict) -> float | None:
+    """The best checkpoint's validation accuracy with the preset's test-time augmentation, if it has one."""
+    return next((v for k, v in summary.items() if k.startswith("best_val_accuracy_tta_")), None)
+
+
+def markdown_rows(results: list[dict], cpu: dict, command: str) -> str:
+    lines = ["| lever | seed | epochs | best val acc | with TTA | final val acc | train time | wall time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        tta = with_tta(r)
+        wall = "reused" if r.get("reused") else f"{r['wall_seconds']:.0f} s"
+        lines.append(f"| {r['lever']} | {r['seed']} | {r['epochs_run']} | {r['best_val_accuracy']:.2%} | "
+                     f"{'-' if tta is None else f'{tta:.2%}'} | {r['final_val_accuracy']:.2%} | "
+                     f"{r['train_seconds']:.0f} s | {wall} |")
+    for lever in dict.fromkeys(r["lever"] for r in results):  # mean +- std where a lever ran on several seeds
+        rows = [r for r in results if r["lever"] == lever]
+        if len(rows) > 1:
+            accuracy = [with_tta(r) or r["best_val_accuracy"] for r in rows]
+            seconds = [r["train_seconds"] for r in rows]
+            lines.append(f"| **{lever}**: mean +- std of {len(rows)} seeds | | | | "
+                         f"{statistics.mean(accuracy):.2%} +- {statistics.stdev(accuracy):.2%} | | "
+                         f"{statistics.mean(seconds):.0f} +- {statistics.stdev(seconds):.0f} s | |")
+    flags = ", ".join(cpu["isa_flags"]) or "no AVX2/AVX-512"
+    return "\n".join(lines) + f"\n\nCPU: {cpu['cpu']}; ISA flags: {flags}.\nCommand: `{command}`\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(Path.home() / "cifar10-jpeg"), help="image folder with train/<class>/")
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--levers", default="baseline,muon,alternating-flip,whiten-bias,all",
+                        help="comma list of baseline, muon, alternating-flip, whiten-bias, all")
+    parser.add_argument("--seeds", default="0,1", help="comma list of seeds; each lever runs once per seed")
+    parser.add_argument("--whiten-bias-epochs", type=int, default=3, help="airbench94: 3 (of its 9.9 epochs)")
+    parser.add_argument("--epochs", type=int, help="override the preset's epochs (e.g. 1 for a smoke test)")
+    parser.add_argument("--train-size", type=int, help="train on this many images (smoke tests); default all 45k")
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--out", default="runs/bench-fast-levers")
+    args = parser.parse_args(argv)
+    levers = lever_settings(args)
+    chosen = [name.strip() for name in args.levers.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(levers))
+    if unknown:
+        parser.error(f"unknown levers {unknown}; choose from {', '.join(levers)}")
+
+    cpu = cpu_flags()
+    command = shlex.join(["python", "benchmarks/fast_levers.py", *(sys.argv[1:] if argv is None else argv)])
+    results = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for lever in chosen:
+            results.append(run_lever(lever, levers[lever], seed, args))
+            # Written after every run, so a long benchmark stopped half-way keeps what it measured.
+            atomic_write_json(Path(args.out) / "fast_levers.json",
+                              {"command": command, "settings": vars(args), **cpu, "results": results})
+            atomic_write_text(Path(args.out) / "fast_levers.md", markdown_rows(results, cpu, command))
+    print(markdown_rows(results, cpu, command))
+
+
+if __name__ == "__main__":
+    main()
