@@ -21,7 +21,8 @@ from onnx import numpy_helper
 from cifarx import data as datamod
 from cifarx.batches import validation_split
 from cifarx.models.transfer import LITE0_PACKAGE, create_timm_classifier
-from cifarx.prefix_cache import DTYPES, FromPrefix, compute_prefix
+from cifarx.config import CACHE_DTYPES
+from cifarx.prefix_cache import FromPrefix, compute_prefix
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
         result = {"images": len(images), "freeze": args.freeze, "img_size": model.resize_to,
                   "prefix_shape": list(exact.shape[1:]),
                   "float32_model_accuracy": (reference.argmax(1) == labels).float().mean().item()}
-        for name, dtype in DTYPES.items():
+        for name, dtype in ((name, getattr(torch, name)) for name in CACHE_DTYPES):
             logits = FromPrefix(model).eval()(exact.to(dtype))
             result[name] = {"accuracy": (logits.argmax(1) == labels).float().mean().item(),
                             "top1_agreement": (logits.argmax(1) == reference.argmax(1)).float().mean().item(),

@@ -35,7 +35,6 @@ from cifarx.errors import CifarxError
 from cifarx.io import atomic_write
 
 CACHE_FORMAT = 1
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # config.CACHE_DTYPES
 PREFIX_BATCH_SIZE = 64  # images per prefix pass: bounds the memory of upsampled activations (224 px: ~1 GB)
 # The cache may take this share of MemAvailable: the trailing stages' activations and gradients, the images and
 # every other process of the machine need the rest.
@@ -167,7 +166,7 @@ class PrefixInputs:
             raise CifarxError("cached prefix activations train supervised stages: unlabelled images are not supported")
         if config.objective != "supervised":
             raise CifarxError(f"--cached-features trains with the supervised objective, not {config.objective}")
-        dtype = DTYPES[config.cache_dtype]
+        dtype = getattr(torch, config.cache_dtype)  # one of config.CACHE_DTYPES, checked by validate()
         copies = 2 if "flip" in config.augment else 1
         shape = prefix_shape(model)
         per_image = copies * dtype.itemsize * int(torch.tensor(shape).prod())
