@@ -28,19 +28,16 @@ from cifarx.compare import compare_runtimes
 from cifarx.evaluate import measure_latency
 from cifarx.io import atomic_write_json
 from cifarx.onnxfile import create_session, model_info
+from cifarx.process import machine
 from cifarx.quantize import INT8_ISA, cpu_int8_isa, op_profile, quantize_onnx
 from cifarx.runtimes import RUNTIMES, agreement, batched_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
-ISA_FLAGS = ("avx512_vnni", "avx_vnni", "avx512f", "avx512bw", "avx2")
 
 
 def cpu_flags() -> dict:
-    text = Path("/proc/cpuinfo").read_text()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
-    return {"cpu": name, "isa_flags": [flag for flag in ISA_FLAGS if flag in flags],
-            "int8_isa": INT8_ISA.get(cpu_int8_isa(text))}
+    cpu = machine()
+    return {"cpu": cpu["cpu"], "isa_flags": cpu["isa_flags"], "int8_isa": INT8_ISA.get(cpu_int8_isa())}
 
 
 def has_val_split(path: Path) -> bool:

@@ -6,6 +6,7 @@ training steps fed by each data path, with the time each path spends waiting for
 
     python benchmarks/train_speed.py --data ~/cifar10-jpeg --device cpu --steps 20
     python benchmarks/train_speed.py --data ~/cifar10-jpeg --device cuda --steps 200   # the seed's GPU question
+    python benchmarks/train_speed.py --data ~/cifar10-jpeg --batch-size 512 --steps 12  # images/s against the batch
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main():
     parser.add_argument("--data", required=True)
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, help="override the preset's batch (a CPU's images/s barely depends on it)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision baseline")
     parser.add_argument("--json", help="write the results here")
@@ -84,7 +86,8 @@ def main():
                         help="leave glibc's malloc as it is (measures what cifarx.process.keep_freed_memory saves)")
     args = parser.parse_args()
 
-    config = make_train_config(args.preset, data=args.data, device=args.device, val_size=5000)
+    batch = {"batch_size": args.batch_size} if args.batch_size else {}
+    config = make_train_config(args.preset, settings=batch, data=args.data, device=args.device, val_size=5000)
     kept = False if args.default_malloc else keep_freed_memory()  # as `cifarx train` does; DataLoader workers inherit it
     device = torch.device(args.device)
     train_set, _ = split_train_val(config)

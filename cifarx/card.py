@@ -137,6 +137,7 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
         "val_accuracy": validation,
         "train_images": summary.get("train_images"),
         "train_seconds": summary.get("train_seconds"),
+        "machine": summary.get("machine"),  # where train_seconds was measured
         "epochs": summary.get("epochs_run", config.get("epochs")),
         "finished": summary.get("finished"),  # False: exported while training (or after it stopped)
         "epochs_planned": config.get("epochs"),
@@ -157,6 +158,13 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
     return [json_path, md_path]
 
 
+def _machine_text(machine: dict | None) -> str:
+    if not machine:  # runs from before summaries recorded their machine
+        return ""
+    threads = f"{machine['threads']} thread{'s' if machine['threads'] != 1 else ''}"
+    return f", {threads} of {machine['cpu']} ({', '.join(machine['isa_flags']) or 'no AVX2'})"
+
+
 def _markdown(card: dict) -> str:
     validation = card["val_accuracy"]
     if validation:
@@ -174,7 +182,7 @@ def _markdown(card: dict) -> str:
         "|---|---|",
         f"| validation accuracy | {accuracy} |",
         f"| trained on | {card['train_images']} images, {card['epochs']} epochs{unfinished}, {card['train_seconds']} s "
-        "wall time |",
+        f"wall time{_machine_text(card.get('machine'))} |",
         f"| preset / seed | {card['preset']} / {card['seed']} |",
         *[f"| {name.replace('_', ' ')} | {card[name]} |" for name in FAMILY_FIELDS if name in card],
         f"| input | {card['input']} |",

@@ -151,19 +151,12 @@ def load_torch_reference(run: str | Path, info: dict):
 
 def environment(session=None, device_id: int = 0) -> dict:
     """Where the numbers were measured: CPU, cores, ONNX Runtime version, available and active providers (and GPU)."""
-    import os
-
     import onnxruntime as ort
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    env = {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+    from cifarx.process import machine
+
+    cpu = machine()
+    env = {"cpu": cpu["cpu"], "isa_flags": cpu["isa_flags"], "cores": cpu["cores"], "onnxruntime": ort.__version__,
            "providers_available": ort.get_available_providers(), "python": platform.python_version()}
     if session is not None:
         env["providers_active"] = session.get_providers()

@@ -36,3 +36,32 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(None)  # the process's own symbols, glibc's among them (find_library would run ldconfig)
     m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameter numbers from glibc's <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+# The vector instruction sets that decide how fast these CPUs train and run models (machines of one kind differ:
+# some have AVX-512 with VNNI, others AVX2 only), as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx512_vnni", "avx_vnni", "avx512f", "avx512bw", "avx512_bf16", "amx_tile", "avx2")
+
+
+def cpu_info(cpuinfo: str | None = None) -> tuple[str, set[str]]:
+    """The CPU's model name and its flags, from /proc/cpuinfo (or the text given); the platform's name and no flags
+    where there is none (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = open("/proc/cpuinfo").read()
+        except OSError:
+            cpuinfo = ""
+    lines = cpuinfo.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return name, flags
+
+
+def machine() -> dict:
+    """What a timing was measured on: CPU model, its ISA flags, cores, and the threads torch computes with."""
+    import torch
+
+    name, flags = cpu_info()
+    return {"cpu": name, "isa_flags": [flag for flag in ISA_FLAGS if flag in flags], "cores": os.cpu_count(),
+            "threads": torch.get_num_threads()}

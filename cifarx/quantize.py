@@ -24,6 +24,7 @@ from cifarx.errors import CifarxError
 from cifarx.evaluate import environment, load_eval_images, logit_parity, measure_latency, predict_logits, score
 from cifarx.io import atomic_path
 from cifarx.onnxfile import create_session, model_info, recorded_val_split
+from cifarx.process import cpu_info
 from cifarx.runtimes import PROVIDERS, float_batch
 
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -76,16 +77,7 @@ INT8_ISA = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "avx512bw": "
 
 def cpu_int8_isa(cpuinfo: str | None = None) -> str | None:
     """The best int8 instruction set this CPU has (a key of INT8_ISA), from /proc/cpuinfo's flags; None if unknown."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux
-            return None
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    _, flags = cpu_info(cpuinfo)
     return next((isa for isa in INT8_ISA if isa in flags), None)
 
 

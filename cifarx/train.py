@@ -35,6 +35,7 @@ from cifarx.models.common import TestTimeAugmentation
 from cifarx.objectives import make_objective
 from cifarx.optimiser import Lookahead, build_optimizer, build_scheduler, schedule_warning, train_whitening_bias
 from cifarx.prefix_cache import PrefixInputs
+from cifarx.process import machine
 from cifarx.registry import create_model
 from cifarx.runfolder import Reporter, RunState, SilentReporter
 
@@ -308,10 +309,11 @@ def _resumable(resume: str | Path, options: dict) -> tuple[TrainConfig, dict]:
 
 def summarize(run_dir: Path, config: TrainConfig, state: RunState, val_set: datamod.ImageSet,
               device: torch.device, extra: dict | None = None) -> dict:
-    """summary.json: final and best validation figures (with TTA if configured), the training time and `extra`."""
+    """summary.json: final and best validation figures (with TTA if configured), the training time, the machine it
+    was measured on (a time means little without the CPU, its ISA and the threads) and `extra`."""
     from cifarx.checkpoint import load_model
 
-    extra = dict(extra or {})
+    extra = {"machine": machine(), **(extra or {})}
     if config.tta != "none" and len(val_set):
         best_model, _ = load_model(run_dir / "best.pt")
         extra[f"best_val_accuracy_tta_{config.tta}"] = evaluate(

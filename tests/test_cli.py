@@ -127,6 +127,29 @@ def test_export_card_names_the_commands_and_the_validation_figures(image_folder,
     assert "cifarx train" in (tmp_path / "m.md").read_text()
 
 
+def test_summary_and_card_record_the_machine_the_training_time_was_measured_on(image_folder, tmp_path):
+    import torch
+
+    from cifarx.process import ISA_FLAGS, cpu_info
+
+    out = tmp_path / "run"
+    assert run("train", "--data", image_folder, "--epochs", 1, "--batch-size", 16, "--val-size", 16, "--out", out).exit_code == 0
+    machine = json.loads((out / "summary.json").read_text())["machine"]
+    name, flags = cpu_info()
+    assert machine["cpu"] == name and machine["threads"] == torch.get_num_threads()
+    assert machine["isa_flags"] == [flag for flag in ISA_FLAGS if flag in flags]
+    assert run("export", out, "-o", tmp_path / "m.onnx", "--card").exit_code == 0
+    assert json.loads((tmp_path / "m.json").read_text())["machine"] == machine
+    assert f" of {name} (" in (tmp_path / "m.md").read_text()
+
+
+def test_cpu_info_reads_the_model_name_and_flags():
+    from cifarx.process import cpu_info
+
+    text = "processor : 0\nmodel name : Some CPU 9000\nflags : fpu sse avx2 avx512f\n"
+    assert cpu_info(text) == ("Some CPU 9000", {"fpu", "sse", "avx2", "avx512f"})
+
+
 def test_cards_of_transfer_and_semi_supervised_models_say_size_weights_labels_and_method():
     from cifarx.card import family_fields
 
