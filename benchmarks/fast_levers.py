@@ -6,9 +6,9 @@ training loop, switched on alone over the preset (and all together), over one or
     alternating-flip  each image flipped in every other epoch instead of on a coin per epoch
     whiten-bias       the whitening bias trained for the first --whiten-bias-epochs epochs, then frozen
     all               the three together
-    batch-512         half airbench94's batch at half its lr: twice the steps for the same epochs, which a CPU
-                      (unlike a GPU) runs at least as fast: whole epochs took 76-80 s against 107-116 s at 1024
-    batch-512-20-epochs  the same for 20 epochs (warm-up kept at 23% of the run): about the baseline's wall time
+    batch-512         half airbench94's batch at half its lr: twice the steps for the same epochs; a CPU, unlike a
+                      GPU, runs batch 512 about as fast as 1024 (614 against 596 images/s, benchmarks/train_speed.py)
+    batch-512-20-epochs  the same for 20 epochs (warm-up kept at 23% of the run)
 
 Per run: best validation accuracy, with the preset's test-time augmentation, final accuracy, the loop's training
 seconds and the run's wall time; the table adds mean +- std per lever over the seeds, and the CPU and its ISA flags
@@ -37,6 +37,7 @@ from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
 from cifarx.cli import RichReporter
 from cifarx.config import load_preset, make_train_config
 from cifarx.io import atomic_write_json, atomic_write_text
+from cifarx.process import keep_freed_memory
 from cifarx.train import train
 
 # airbench94's batch and this preset's lr for it (its per-example lr on the mean loss); batch-512 halves both
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--out", default="runs/bench-fast-levers")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as `cifarx train` does: at batch 1024 without it, fast's epochs took 1.4x as long
     levers = lever_settings(args)
     chosen = [name.strip() for name in args.levers.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(levers))

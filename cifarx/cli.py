@@ -7,6 +7,7 @@ never imports torch.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import warnings
@@ -134,10 +135,12 @@ class RichReporter:
     def end_epoch(self, row: dict) -> None:
         self.progress.remove_task(self.task)
         self.progress.stop()
+        validation = ("no validation split" if math.isnan(row["val_accuracy"])  # --val-size 0
+                      else f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}")
         console.print(
             f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  lr {row['lr']:.2e}  "
-            f"{row['epoch_seconds']:.1f}s (data {row['data_seconds']:.1f}s)", highlight=False,
+            f"{validation}  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s (data {row['data_seconds']:.1f}s)",
+            highlight=False,
         )
 
     def message(self, text: str) -> None:

@@ -143,6 +143,12 @@ def test_summary_and_card_record_the_machine_the_training_time_was_measured_on(i
     assert f" of {name} (" in (tmp_path / "m.md").read_text()
 
 
+def test_a_run_without_validation_split_says_so_instead_of_printing_nan(image_folder, tmp_path):
+    result = run("train", "--data", image_folder, "--epochs", 1, "--batch-size", 16, "--val-size", 0, "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert "no validation split" in result.output and "nan" not in result.output
+
+
 def test_cpu_info_reads_the_model_name_and_flags():
     from cifarx.process import cpu_info
 
