@@ -28,7 +28,7 @@ from cifarx.compare import compare_runtimes
 from cifarx.evaluate import measure_latency
 from cifarx.io import atomic_write_json
 from cifarx.onnxfile import create_session, model_info
-from cifarx.process import machine
+from cifarx.process import cpu_description
 from cifarx.quantize import INT8_ISA, cpu_int8_isa, op_profile, quantize_onnx
 from cifarx.runtimes import RUNTIMES, agreement, batched_outputs
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_flags() -> dict:
-    cpu = machine()
+    cpu = cpu_description()
     return {"cpu": cpu["cpu"], "isa_flags": cpu["isa_flags"], "int8_isa": INT8_ISA.get(cpu_int8_isa())}
 
 

@@ -153,9 +153,9 @@ def environment(session=None, device_id: int = 0) -> dict:
     """Where the numbers were measured: CPU, cores, ONNX Runtime version, available and active providers (and GPU)."""
     import onnxruntime as ort
 
-    from cifarx.process import machine
+    from cifarx.process import cpu_description
 
-    cpu = machine()
+    cpu = cpu_description()
     env = {"cpu": cpu["cpu"], "isa_flags": cpu["isa_flags"], "cores": cpu["cores"], "onnxruntime": ort.__version__,
            "providers_available": ort.get_available_providers(), "python": platform.python_version()}
     if session is not None:

@@ -58,10 +58,14 @@ def cpu_info(cpuinfo: str | None = None) -> tuple[str, set[str]]:
     return name, flags
 
 
+def cpu_description() -> dict:
+    """The CPU model, its ISA flags and cores (no torch import: `cifarx eval` records it too)."""
+    name, flags = cpu_info()
+    return {"cpu": name, "isa_flags": [flag for flag in ISA_FLAGS if flag in flags], "cores": os.cpu_count()}
+
+
 def machine() -> dict:
-    """What a timing was measured on: CPU model, its ISA flags, cores, and the threads torch computes with."""
+    """What a training time was measured on: the CPU description and the threads torch computes with."""
     import torch
 
-    name, flags = cpu_info()
-    return {"cpu": name, "isa_flags": [flag for flag in ISA_FLAGS if flag in flags], "cores": os.cpu_count(),
-            "threads": torch.get_num_threads()}
+    return {**cpu_description(), "threads": torch.get_num_threads()}
