@@ -4,7 +4,8 @@ the linear probe to full fine-tuning, at a few image sizes: accuracy, training c
 Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the model):
 - linear: `--freeze all --cached-features`: pooled features once per image (cached), then the new head alone.
 - last1, last2, last3: `--freeze N --cached-features`: the frozen prefix's activations once per image and its flip
-  (cached in --cache-dtype), then the last N stages + head train through the one training loop on them.
+  (cached in --cache-dtype), then the last N stages + head train through the one training loop on them; with
+  --translate-activations also randomly translated (`crop` on cached activations), in OUT/<model>-<row>-<size>-crop/.
 - full: `--freeze none`: the whole network through the training loop, on augmented images.
 
 Each row gives the best validation accuracy (5,000 images held out of train, seed 0; with --tta also the best
@@ -67,8 +68,10 @@ def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) ->
     """The training settings of one row (checked by make_train_config before anything runs)."""
     name, package = MODELS[model]
     weights = {"pretrained": True} if args.pretrained else {"weights": package}
+    translated = row.startswith("last") and args.translate_activations
+    folder = f"{model}-{row}-{img_size}{'-crop' if translated else ''}"
     common = dict(model=name, data=args.data, val_size=args.val_size, train_size=args.train_size, seed=args.seed,
-                  threads=args.threads, out=str(Path(args.out) / f"{model}-{row}-{img_size}"), eval_batch_size=100)
+                  threads=args.threads, out=str(Path(args.out) / folder), eval_batch_size=100)
     if row == "linear":
         return make_train_config(
             **common, model_kwargs={"img_size": img_size, "freeze": "all", **weights}, cached_features=True,
@@ -83,11 +86,11 @@ def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) ->
             **common, **loop, model_kwargs={"img_size": img_size, "freeze": "none", **weights}, epochs=args.full_epochs,
             warmup_epochs=min(0.5, args.full_epochs / 4), augment=["crop", "flip"],
         )
-    # Cached activations can only be flipped (the cache holds each image and its flip): no crop.
+    # The cache holds each image and its flip; crop translates the cached activations (prefix_cache.py).
     return make_train_config(
         **common, **loop, model_kwargs={"img_size": img_size, "freeze": int(row.removeprefix("last")), **weights},
         cached_features=True, cache_dtype=args.cache_dtype, epochs=args.partial_epochs,
-        warmup_epochs=min(0.5, args.partial_epochs / 4), augment=["flip"],
+        warmup_epochs=min(0.5, args.partial_epochs / 4), augment=["crop", "flip"] if translated else ["flip"],
     )
 
 
@@ -141,7 +144,8 @@ def measured(config: TrainConfig, summary: dict, args: argparse.Namespace) -> di
 
 def run_row(model: str, row: str, img_size: int, args: argparse.Namespace) -> dict:
     """One row of the table: trained (or reused), exported and timed (or reused); skipped or failed in one line."""
-    key = {"model": model, "row": row, "img_size": img_size}
+    key = {"model": model, "row": row, "img_size": img_size,
+           "translated": row.startswith("last") and args.translate_activations}
     if row.startswith("last") and not prefix_cache_available():
         reason = ("needs `--freeze N --cached-features` (the cached prefix of issue 16 item 1, branch `prefix`), "
                   "which this cifarx does not have yet")
@@ -173,12 +177,13 @@ def trained_what(result: dict) -> str:
     if result["row"] == "full":
         return "all"
     stages = result["row"].removeprefix("last")
-    return f"last {stages} stage{'s' * (stages != '1')} + head"
+    translated = f", activations translated by {result['prefix_translate_cells']}" if result.get("translated") else ""
+    return f"last {stages} stage{'s' * (stages != '1')} + head{translated}"
 
 
 def row_key(result: dict) -> tuple:
     """Where a row sorts in the table: by row (cheapest first), model, image size."""
-    return ROWS.index(result["row"]), result["model"], result["img_size"]
+    return ROWS.index(result["row"]), result["model"], result["img_size"], result.get("translated", False)
 
 
 def markdown(results: list[dict], cpu: dict, commands: list[str]) -> str:
@@ -217,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone-lr-scale", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=64, help="of the partial and full rows (linear: 256)")
     parser.add_argument("--cache-dtype", default="float16", help="the cached prefix activations' dtype (last1-3)")
+    parser.add_argument("--translate-activations", action="store_true",
+                        help="last1-3: translate the cached activations too (crop), rows of their own")
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "flip-translate"])
     parser.add_argument("--train-size", type=int, help="train on only this many images (smoke tests)")
     parser.add_argument("--val-size", type=int, default=5000)

@@ -249,11 +249,12 @@ def random_crop_flip_cutout(
     cutout: int = 0,
     translate_mode: str = "reflect",
 ) -> torch.Tensor:
-    """Batch-wise augmentation of float [B,3,H,W]: random pad-and-crop (translate), horizontal flip, cutout.
+    """Batch-wise augmentation of float [B,C,H,W] (images, or cached activations): random pad-and-crop (translate),
+    horizontal flip, cutout.
 
     `flip`: True flips each image on a coin toss; a bool tensor [B] flips exactly the images it marks.
     """
-    batch, _, height, width = images.shape
+    batch, channels, height, width = images.shape
     device = images.device  # random draws stay on the CPU generator (the same numbers on any device)
     if pad:
         padded = torch.nn.functional.pad(images, (pad,) * 4, mode=translate_mode)
@@ -262,7 +263,7 @@ def random_crop_flip_cutout(
         rows = (dy[:, None] + torch.arange(height))[:, None, :, None].to(device)
         cols = (dx[:, None] + torch.arange(width))[:, None, None, :].to(device)
         images = padded[torch.arange(batch, device=device)[:, None, None, None],
-                        torch.arange(3, device=device)[None, :, None, None], rows, cols]
+                        torch.arange(channels, device=device)[None, :, None, None], rows, cols]
     if isinstance(flip, torch.Tensor) or flip:
         flipped = (flip if isinstance(flip, torch.Tensor) else torch.rand(batch, generator=generator) < 0.5).to(device)
         images = torch.where(flipped[:, None, None, None], images.flip(-1), images)

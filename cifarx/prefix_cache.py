@@ -10,8 +10,11 @@ linear probe's features. The one training loop (train.py) then trains the traili
   `forward_from_prefix`, with the model's own parameters (not a copy), so the optimiser, EMA, schedule and
   checkpoints see the ordinary whole model and a checkpoint exports like any other.
 - `PrefixInputs.training_batches` replaces the image batches: each epoch, seeded by (seed, epoch) like the image
-  batches, a shuffled order and, per sample, the plain or the flipped copy. Crop, cutout and per-image policies
-  cannot act on activations and are not applied.
+  batches, a shuffled order and, per sample, the plain or the flipped copy. With `crop` in the augmentations the
+  activations are translated too, by up to `crop_padding` pixels of the 32-pixel image expressed in cells of the
+  activation map (at least one): an approximation of translating the image (the frozen prefix is translation
+  equivariant only up to its strides and borders), but it costs nothing to compute, where computing translated
+  copies would multiply the cache. Cutout and per-image policies are not applied.
 
 Why flips are computed rather than flipping activations: 'same' padding and stride-2 convolutions on even sizes
 are not mirror-symmetric, so the flip of an image's activation is not the activation of its flip.
@@ -141,14 +144,16 @@ class PrefixInputs:
     """The cached prefix activations of a run's training images (plain + flipped) and validation images (plain)."""
 
     def __init__(self, train: torch.Tensor, train_labels: torch.Tensor, val: datamod.ImageSet, seconds: float,
-                 from_cache: bool, per_image_bytes: int = 0):
+                 from_cache: bool, per_image_bytes: int = 0, translate_cells: int = 0):
         self.train, self.train_labels = train, train_labels  # [N,copies,C,H,W] in the cache dtype
         self.val_set = val  # ImageSet whose `images` are [M,C,H,W] activations: train.evaluate takes it as it is
         self.seconds, self.from_cache, self.per_image_bytes = seconds, from_cache, per_image_bytes
+        self.translate_cells = translate_cells  # random translation of the training activations, 0 = none
 
     def summary(self) -> dict:
         """What the run's summary.json records of the cache (its seconds are part of `train_seconds`)."""
         return {"prefix_seconds": round(self.seconds, 1), "prefix_from_cache": self.from_cache,
+                "prefix_translate_cells": self.translate_cells,
                 "prefix_bytes_per_image": self.per_image_bytes, "prefix_shape": list(self.train.shape[2:]),
                 "cache_dtype": str(self.train.dtype).removeprefix("torch.")}
 
@@ -180,6 +185,10 @@ class PrefixInputs:
                               f"{memory / 2**30:.2f} GiB available; train more stages (--freeze), a smaller "
                               "--img-size or a smaller cache_dtype")
         reporter.message(f"cached prefix at {model.resize_to}px: {cost}")
+        translate_cells = translation_cells(config, shape[-1])
+        if translate_cells:
+            reporter.message(f"crop: the training activations are translated by up to {translate_cells} cell"
+                             f"{'s' * (translate_cells > 1)} of {shape[-1]} ({config.translate_mode} padding)")
         cache_dir = datamod.default_cache_dir() / "features"
 
         def cached(images: torch.Tensor, flip: bool, nbytes: int) -> tuple[torch.Tensor, bool]:
@@ -195,7 +204,7 @@ class PrefixInputs:
         if copies == 1:
             train = train.unsqueeze(1)
         return cls(train, train_set.labels, datamod.ImageSet(val, val_set.labels, val_set.class_names), seconds,
-                   train_cached and val_cached, per_image)
+                   train_cached and val_cached, per_image, translate_cells)
 
     @staticmethod
     def view(model: nn.Module) -> FromPrefix:
@@ -204,9 +213,24 @@ class PrefixInputs:
 
     def training_batches(self, config, epoch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's (activations, labels) batches, deterministic in (seed, epoch): a shuffled order (the image
-        batches' stream) and, per sample, its plain or flipped copy (the augmentation stream)."""
+        batches' stream), per sample its plain or flipped copy (the augmentation stream) and, with `crop`, a
+        translation (a third stream, so runs without it draw the same copies as before)."""
         order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
         flips = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 1))
+        shifts = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 4))
         copy = torch.randint(self.train.shape[1], (len(self.train),), generator=flips)
         for index in datamod.iterate_batches(len(self.train), config.batch_size, order, drop_last=True):
-            yield self.train[index, copy[index]].to(device).float(), self.train_labels[index].to(device)
+            activations = self.train[index, copy[index]].to(device).float()
+            if self.translate_cells:
+                activations = datamod.random_crop_flip_cutout(activations, shifts, pad=self.translate_cells, flip=False,
+                                                              translate_mode=config.translate_mode)
+            yield activations, self.train_labels[index].to(device)
+
+
+def translation_cells(config, side: int) -> int:
+    """How far `crop` translates activations of `side` x `side` cells: `crop_padding` pixels of the 32-pixel image
+    in cells, at least one (a run that asks for crop gets some translation) and less than the side (reflect padding
+    needs it); 0 without crop."""
+    if "crop" not in config.augment or not config.crop_padding:
+        return 0
+    return min(side - 1, max(1, round(config.crop_padding * side / 32)))

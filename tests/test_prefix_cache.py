@@ -90,6 +90,7 @@ def test_prefix_run_trains_only_the_trailing_stages_without_running_the_whole_mo
     summary = json.loads((out / "summary.json").read_text())
     channels, height, width = summary["prefix_shape"]
     assert summary["prefix_bytes_per_image"] == 2 * 4 * channels * height * width  # plain + flip, float32
+    assert summary["prefix_translate_cells"] == 1  # the default augmentations hold crop
     config = make_train_config(data=str(image_folder), val_size=16)
     _, val_set = split_train_val(config)
     assert evaluate(model, val_set, 8, torch.device("cpu"))["accuracy"] == pytest.approx(summary["best_val_accuracy"])
@@ -116,6 +117,30 @@ def test_each_epoch_draws_plain_or_flipped_copies_per_sample_deterministically()
     flipped = (first < 0).float().mean().item()
     assert 0.25 < flipped < 0.75  # about half of the samples come as their flip
     assert torch.equal(epoch(0), first) and not torch.equal(epoch(1), first)  # seeded by (seed, epoch)
+
+
+def test_crop_translates_cached_activations_by_whole_cells_per_sample_and_epoch():
+    n, side = 256, 10
+    rows = torch.arange(side, dtype=torch.float16)[:, None].expand(side, side)
+    cols = torch.arange(side, dtype=torch.float16)[None, :].expand(side, side)
+    grid = torch.stack([rows, cols])  # each cell holds its own coordinates
+    train = grid.expand(n, 1, 2, side, side).clone()
+    inputs = PrefixInputs(train, torch.zeros(n, dtype=torch.long), None, 0.0, False,
+                          translate_cells=prefix_cache.translation_cells(make_train_config(crop_padding=4), side))
+    assert inputs.translate_cells == 1  # 4 pixels of 32 are 1.25 cells of 10
+    config = make_train_config(batch_size=64, seed=0)
+
+    def epoch(number):
+        return torch.cat([x for x, _ in inputs.training_batches(config, number, torch.device("cpu"))])
+
+    first = epoch(0)
+    # The centre cell of a translated map holds the coordinates of the cell it came from: shifted by -1, 0 or +1
+    shifts = first[:, :, side // 2, side // 2] - side // 2
+    assert set(shifts.flatten().tolist()) == {-1.0, 0.0, 1.0}
+    assert len({tuple(s) for s in shifts.tolist()}) == 9  # every (dy, dx) drawn, per sample
+    assert torch.equal(epoch(0), first) and not torch.equal(epoch(1), first)  # seeded by (seed, epoch)
+    no_crop = make_train_config(augment=["flip"])
+    assert prefix_cache.translation_cells(no_crop, side) == 0
 
 
 def test_a_cache_that_would_not_fit_is_refused_in_one_line_before_anything_is_written(image_folder, tmp_path,
