@@ -34,6 +34,7 @@ REPORTED = {
     "qmul-blocknet": ("QMUL", 80.79, ""),
     "blocknet-fast": ("ours", None, "CPU-budget recipe for the QMUL Block backbone, widths 64-512, K=2; target 80.79%"),
     "cityu-vgg16": ("CityU", None, "VGG-family ceiling 92-94%"),
+    "vgg16-bn-fast": ("ours", None, "the CityU model on the fast engine; target 92%"),
     "shake-shake-26-2x64d": ("Gastaldi, cited by TP3", 96.03, "1,800 epochs"),
 }
 # The model of each seed report and the recipe that defines it.
