@@ -5,7 +5,8 @@ Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the 
 - linear: `--freeze all --cached-features`: pooled features once per image (cached), then the new head alone.
 - last1, last2, last3: `--freeze N --cached-features`: the frozen prefix's activations once per image and its flip
   (cached in --cache-dtype), then the last N stages + head train through the one training loop on them; with
-  --translate-activations also randomly translated (`crop` on cached activations), in OUT/<model>-<row>-<size>-crop/.
+  --translate-activations also randomly translated (`crop` on cached activations), in OUT/<model>-<row>-<size>-crop/;
+  with --cutout-activations PIXELS a square of them zeroed per sample (`cutout`), in OUT/...-cutout<PIXELS>/.
 - full: `--freeze none`: the whole network through the training loop, on augmented images.
 
 Each row gives the best validation accuracy (5,000 images held out of train, seed 0; with --tta also the best
@@ -69,7 +70,8 @@ def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) ->
     name, package = MODELS[model]
     weights = {"pretrained": True} if args.pretrained else {"weights": package}
     translated = row.startswith("last") and args.translate_activations
-    folder = f"{model}-{row}-{img_size}{'-crop' if translated else ''}"
+    cutout = args.cutout_activations if row.startswith("last") else 0
+    folder = f"{model}-{row}-{img_size}{'-crop' if translated else ''}{f'-cutout{cutout}' if cutout else ''}"
     common = dict(model=name, data=args.data, val_size=args.val_size, train_size=args.train_size, seed=args.seed,
                   threads=args.threads, out=str(Path(args.out) / folder), eval_batch_size=100)
     if row == "linear":
@@ -86,11 +88,14 @@ def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) ->
             **common, **loop, model_kwargs={"img_size": img_size, "freeze": "none", **weights}, epochs=args.full_epochs,
             warmup_epochs=min(0.5, args.full_epochs / 4), augment=["crop", "flip"],
         )
-    # The cache holds each image and its flip; crop translates the cached activations (prefix_cache.py).
+    # The cache holds each image and its flip; crop translates the cached activations, cutout zeroes a square of
+    # them (prefix_cache.py).
+    augment = ["crop", "flip"] if translated else ["flip"]
     return make_train_config(
         **common, **loop, model_kwargs={"img_size": img_size, "freeze": int(row.removeprefix("last")), **weights},
         cached_features=True, cache_dtype=args.cache_dtype, epochs=args.partial_epochs,
-        warmup_epochs=min(0.5, args.partial_epochs / 4), augment=["crop", "flip"] if translated else ["flip"],
+        warmup_epochs=min(0.5, args.partial_epochs / 4), augment=augment + ["cutout"] * bool(cutout),
+        **({"cutout_size": cutout} if cutout else {}),
     )
 
 
@@ -145,7 +150,8 @@ def measured(config: TrainConfig, summary: dict, args: argparse.Namespace) -> di
 def run_row(model: str, row: str, img_size: int, args: argparse.Namespace) -> dict:
     """One row of the table: trained (or reused), exported and timed (or reused); skipped or failed in one line."""
     key = {"model": model, "row": row, "img_size": img_size,
-           "translated": row.startswith("last") and args.translate_activations}
+           "translated": row.startswith("last") and args.translate_activations,
+           "cutout": args.cutout_activations if row.startswith("last") else 0}
     if row.startswith("last") and not prefix_cache_available():
         reason = ("needs `--freeze N --cached-features` (the cached prefix of issue 16 item 1, branch `prefix`), "
                   "which this cifarx does not have yet")
@@ -178,12 +184,15 @@ def trained_what(result: dict) -> str:
         return "all"
     stages = result["row"].removeprefix("last")
     translated = f", activations translated by {result['prefix_translate_cells']}" if result.get("translated") else ""
-    return f"last {stages} stage{'s' * (stages != '1')} + head{translated}"
+    cutout = (f", {result['prefix_cutout_cells']}x{result['prefix_cutout_cells']} cutout" if result.get("cutout")
+              else "")
+    return f"last {stages} stage{'s' * (stages != '1')} + head{translated}{cutout}"
 
 
 def row_key(result: dict) -> tuple:
     """Where a row sorts in the table: by row (cheapest first), model, image size."""
-    return ROWS.index(result["row"]), result["model"], result["img_size"], result.get("translated", False)
+    return (ROWS.index(result["row"]), result["model"], result["img_size"], result.get("translated", False),
+            result.get("cutout", 0))
 
 
 def markdown(results: list[dict], cpu: dict, commands: list[str]) -> str:
@@ -224,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dtype", default="float16", help="the cached prefix activations' dtype (last1-3)")
     parser.add_argument("--translate-activations", action="store_true",
                         help="last1-3: translate the cached activations too (crop), rows of their own")
+    parser.add_argument("--cutout-activations", type=int, default=0, metavar="PIXELS",
+                        help="last1-3: zero a square of this many pixels of the 32-px image (in cells) in the cached "
+                             "activations (cutout), rows of their own; 0 = off")
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "flip-translate"])
     parser.add_argument("--train-size", type=int, help="train on only this many images (smoke tests)")
     parser.add_argument("--val-size", type=int, default=5000)

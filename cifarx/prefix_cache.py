@@ -14,7 +14,9 @@ linear probe's features. The one training loop (train.py) then trains the traili
   activations are translated too, by up to `crop_padding` pixels of the 32-pixel image expressed in cells of the
   activation map (at least one): an approximation of translating the image (the frozen prefix is translation
   equivariant only up to its strides and borders), but it costs nothing to compute, where computing translated
-  copies would multiply the cache. Cutout and per-image policies are not applied.
+  copies would multiply the cache. With `cutout`, a square of `cutout_size` pixels of the 32-pixel image, in cells
+  (at least one), is zeroed in each sample's activations (the prefix ends in ReLU6, so zero is "nothing seen").
+  Per-image policies (rotate, autoaugment, erasing) and alternating flips cannot act on cached activations: refused.
 
 Why flips are computed rather than flipping activations: 'same' padding and stride-2 convolutions on even sizes
 are not mirror-symmetric, so the flip of an image's activation is not the activation of its flip.
@@ -42,6 +44,8 @@ PREFIX_BATCH_SIZE = 64  # images per prefix pass: bounds the memory of upsampled
 # The cache may take this share of MemAvailable: the trailing stages' activations and gradients, the images and
 # every other process of the machine need the rest.
 MEMORY_SHARE = 0.7
+# What acts on cached activations (flip: the cached flipped copy; crop, cutout: in cells of the activation map).
+CACHED_AUGMENTATIONS = ("crop", "flip", "cutout")
 
 
 def available_memory() -> int | None:
@@ -144,16 +148,17 @@ class PrefixInputs:
     """The cached prefix activations of a run's training images (plain + flipped) and validation images (plain)."""
 
     def __init__(self, train: torch.Tensor, train_labels: torch.Tensor, val: datamod.ImageSet, seconds: float,
-                 from_cache: bool, per_image_bytes: int = 0, translate_cells: int = 0):
+                 from_cache: bool, per_image_bytes: int = 0, translate_cells: int = 0, cutout_cells: int = 0):
         self.train, self.train_labels = train, train_labels  # [N,copies,C,H,W] in the cache dtype
         self.val_set = val  # ImageSet whose `images` are [M,C,H,W] activations: train.evaluate takes it as it is
         self.seconds, self.from_cache, self.per_image_bytes = seconds, from_cache, per_image_bytes
         self.translate_cells = translate_cells  # random translation of the training activations, 0 = none
+        self.cutout_cells = cutout_cells  # side of the square zeroed in each training sample's activations, 0 = none
 
     def summary(self) -> dict:
         """What the run's summary.json records of the cache (its seconds are part of `train_seconds`)."""
         return {"prefix_seconds": round(self.seconds, 1), "prefix_from_cache": self.from_cache,
-                "prefix_translate_cells": self.translate_cells,
+                "prefix_translate_cells": self.translate_cells, "prefix_cutout_cells": self.cutout_cells,
                 "prefix_bytes_per_image": self.per_image_bytes, "prefix_shape": list(self.train.shape[2:]),
                 "cache_dtype": str(self.train.dtype).removeprefix("torch.")}
 
@@ -171,6 +176,10 @@ class PrefixInputs:
             raise CifarxError("cached prefix activations train supervised stages: unlabelled images are not supported")
         if config.objective != "supervised":
             raise CifarxError(f"--cached-features trains with the supervised objective, not {config.objective}")
+        uncacheable = [name for name in config.augment if name not in CACHED_AUGMENTATIONS]
+        if uncacheable:
+            raise CifarxError(f"--cached-features augments the cached activations with {', '.join(CACHED_AUGMENTATIONS)} "
+                              f"only, not {', '.join(uncacheable)}: drop it from --augment")
         dtype = getattr(torch, config.cache_dtype)  # one of config.CACHE_DTYPES, checked by validate()
         copies = 2 if "flip" in config.augment else 1
         shape = prefix_shape(model)
@@ -185,10 +194,13 @@ class PrefixInputs:
                               f"{memory / 2**30:.2f} GiB available; train more stages (--freeze), a smaller "
                               "--img-size or a smaller cache_dtype")
         reporter.message(f"cached prefix at {model.resize_to}px: {cost}")
-        translate_cells = translation_cells(config, shape[-1])
+        translate_cells, cutout_cells = translation_cells(config, shape[-1]), cutout_square(config, shape[-1])
         if translate_cells:
             reporter.message(f"crop: the training activations are translated by up to {translate_cells} cell"
                              f"{'s' * (translate_cells > 1)} of {shape[-1]} ({config.translate_mode} padding)")
+        if cutout_cells:
+            reporter.message(f"cutout: a {cutout_cells}x{cutout_cells} square of the {shape[-1]}x{shape[-1]} "
+                             "training activations zeroed per sample")
         cache_dir = datamod.default_cache_dir() / "features"
 
         def cached(images: torch.Tensor, flip: bool, nbytes: int) -> tuple[torch.Tensor, bool]:
@@ -204,7 +216,7 @@ class PrefixInputs:
         if copies == 1:
             train = train.unsqueeze(1)
         return cls(train, train_set.labels, datamod.ImageSet(val, val_set.labels, val_set.class_names), seconds,
-                   train_cached and val_cached, per_image, translate_cells)
+                   train_cached and val_cached, per_image, translate_cells, cutout_cells)
 
     @staticmethod
     def view(model: nn.Module) -> FromPrefix:
@@ -213,17 +225,21 @@ class PrefixInputs:
 
     def training_batches(self, config, epoch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's (activations, labels) batches, deterministic in (seed, epoch): a shuffled order (the image
-        batches' stream), per sample its plain or flipped copy (the augmentation stream) and, with `crop`, a
-        translation (a third stream, so runs without it draw the same copies as before)."""
+        batches' stream), per sample its plain or flipped copy (the augmentation stream), with `crop` a translation
+        and with `cutout` a zeroed square (a stream each, so a run without one draws the same batches as before)."""
         order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
         flips = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 1))
         shifts = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 4))
+        holes = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 5))
         copy = torch.randint(self.train.shape[1], (len(self.train),), generator=flips)
         for index in datamod.iterate_batches(len(self.train), config.batch_size, order, drop_last=True):
             activations = self.train[index, copy[index]].to(device).float()
             if self.translate_cells:
                 activations = datamod.random_crop_flip_cutout(activations, shifts, pad=self.translate_cells, flip=False,
                                                               translate_mode=config.translate_mode)
+            if self.cutout_cells:
+                activations = datamod.random_crop_flip_cutout(activations, holes, pad=0, flip=False,
+                                                              cutout=self.cutout_cells)
             yield activations, self.train_labels[index].to(device)
 
 
@@ -234,3 +250,11 @@ def translation_cells(config, side: int) -> int:
     if "crop" not in config.augment or not config.crop_padding:
         return 0
     return min(side - 1, max(1, round(config.crop_padding * side / 32)))
+
+
+def cutout_square(config, side: int) -> int:
+    """The side, in cells of a `side` x `side` activation map, of the square `cutout` zeroes: `cutout_size` pixels of
+    the 32-pixel image, at least one cell; 0 without cutout."""
+    if "cutout" not in config.augment or not config.cutout_size:
+        return 0
+    return min(side, max(1, round(config.cutout_size * side / 32)))

@@ -143,6 +143,43 @@ def test_crop_translates_cached_activations_by_whole_cells_per_sample_and_epoch(
     assert prefix_cache.translation_cells(no_crop, side) == 0
 
 
+def test_cutout_zeroes_one_square_of_cells_per_sample_and_leaves_the_translation_draws_alone():
+    n, side = 128, 10
+    train = torch.ones(n, 1, 3, side, side, dtype=torch.float16)
+    labels = torch.zeros(n, dtype=torch.long)
+    cutout = make_train_config(augment=["flip", "cutout"], cutout_size=12, batch_size=32)
+    cells = prefix_cache.cutout_square(cutout, side)
+    assert cells == 4  # 12 pixels of 32 are 3.75 cells of 10
+    batches = torch.cat([x for x, _ in PrefixInputs(train, labels, None, 0.0, False, cutout_cells=cells)
+                         .training_batches(cutout, 0, torch.device("cpu"))])
+    zeroed = batches[:, 0] == 0  # [B,H,W]: the hole, the same in every channel
+    assert torch.equal(zeroed, (batches == 0).all(1))
+    rows, cols = zeroed.any(2), zeroed.any(1)
+    # one square per sample, clipped at the borders: never wider than 4 cells, full 4x4 when it lies inside
+    assert (rows.sum(1) <= cells).all() and (cols.sum(1) <= cells).all() and zeroed.any((1, 2)).all()
+    assert torch.equal(zeroed.sum((1, 2)), rows.sum(1) * cols.sum(1)) and (zeroed.sum((1, 2)) == 16).any()
+    assert len({tuple(map(tuple, z.nonzero()[0:1].tolist())) for z in zeroed}) > 10  # placed per sample
+    # crop's translation draws do not depend on cutout (a stream each)
+    grid = torch.arange(side * side, dtype=torch.float16).reshape(1, 1, 1, side, side).expand(n, 1, 1, side, side)
+    crop, both = make_train_config(augment=["crop", "flip"], batch_size=32), make_train_config(
+        augment=["crop", "flip", "cutout"], batch_size=32)
+    shifted = [torch.cat([x for x, _ in PrefixInputs(grid.clone(), labels, None, 0.0, False, translate_cells=1,
+                                                     cutout_cells=prefix_cache.cutout_square(c, side))
+                          .training_batches(c, 0, torch.device("cpu"))]) for c in (crop, both)]
+    kept = shifted[1] != 0
+    assert torch.equal(shifted[0][kept], shifted[1][kept]) and (~kept).any()
+    assert prefix_cache.cutout_square(make_train_config(augment=["flip"]), side) == 0
+
+
+@pytest.mark.parametrize("augmentation", ["rotate", "alternating-flip", "erasing"])
+def test_augmentations_that_cannot_act_on_cached_activations_are_refused_in_one_line(image_folder, tmp_path,
+                                                                                     augmentation):
+    out = tmp_path / "run"
+    assert_one_line_error(run(*train_args(image_folder, out, "--freeze", "1", "--augment", f"crop,{augmentation}")),
+                          "augments the cached activations with crop, flip, cutout only", augmentation)
+    assert not out.exists()
+
+
 def test_a_cache_that_would_not_fit_is_refused_in_one_line_before_anything_is_written(image_folder, tmp_path,
                                                                                      monkeypatch):
     monkeypatch.setattr(prefix_cache, "available_memory", lambda: 1 << 14)  # 16 KiB
