@@ -15,7 +15,8 @@ linear probe's features. The one training loop (train.py) then trains the traili
   activation map (at least one): an approximation of translating the image (the frozen prefix is translation
   equivariant only up to its strides and borders), but it costs nothing to compute, where computing translated
   copies would multiply the cache. With `cutout`, a square of `cutout_size` pixels of the 32-pixel image, in cells
-  (at least one), is zeroed in each sample's activations (the prefix ends in ReLU6, so zero is "nothing seen").
+  (at least one), is zeroed in each sample's activations (the prefix ends in a linear projection + BatchNorm, so zero
+  is not "nothing seen", only a value the activations take: a regulariser like dropout, measured, not an occlusion).
   Per-image policies (rotate, autoaugment, erasing) and alternating flips cannot act on cached activations: refused.
 
 Why flips are computed rather than flipping activations: 'same' padding and stride-2 convolutions on even sizes
