@@ -7,7 +7,9 @@ Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the 
   (cached in --cache-dtype), then the last N stages + head train through the one training loop on them; with
   --translate-activations also randomly translated (`crop` on cached activations), in OUT/<model>-<row>-<size>-crop/;
   with --cutout-activations PIXELS a square of them zeroed per sample (`cutout`), in OUT/...-cutout<PIXELS>/.
-- full: `--freeze none`: the whole network through the training loop, on augmented images.
+- full: `--freeze none`: the whole network through the training loop, on augmented images; with
+  --progressive-sizes 96,112 the first parts of the run train at those sizes (`progressive_sizes`), in
+  OUT/<model>-full-<size>-from96-112/.
 
 Each row gives the best validation accuracy (5,000 images held out of train, seed 0; with --tta also the best
 checkpoint's with test-time augmentation), the training wall time and threads, and the latency of the exported best
@@ -65,13 +67,20 @@ def prefix_cache_available() -> bool:
     return "cache_dtype" in {field.name for field in dataclasses.fields(TrainConfig)}
 
 
+def progressive_sizes(row: str, img_size: int, args: argparse.Namespace) -> list[int]:
+    """The full row's progressive resizing: the --progressive-sizes below its image size (none: no resizing)."""
+    return [size for size in args.progressive_sizes if size < img_size] if row == "full" else []
+
+
 def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) -> TrainConfig:
     """The training settings of one row (checked by make_train_config before anything runs)."""
     name, package = MODELS[model]
     weights = {"pretrained": True} if args.pretrained else {"weights": package}
     translated = row.startswith("last") and args.translate_activations
     cutout = args.cutout_activations if row.startswith("last") else 0
-    folder = f"{model}-{row}-{img_size}{'-crop' if translated else ''}{f'-cutout{cutout}' if cutout else ''}"
+    progressive = progressive_sizes(row, img_size, args)
+    folder = (f"{model}-{row}-{img_size}{'-crop' if translated else ''}{f'-cutout{cutout}' if cutout else ''}"
+              f"{'-from' + '-'.join(map(str, progressive)) if progressive else ''}")
     common = dict(model=name, data=args.data, val_size=args.val_size, train_size=args.train_size, seed=args.seed,
                   threads=args.threads, out=str(Path(args.out) / folder), eval_batch_size=100)
     if row == "linear":
@@ -86,7 +95,7 @@ def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) ->
     if row == "full":
         return make_train_config(
             **common, **loop, model_kwargs={"img_size": img_size, "freeze": "none", **weights}, epochs=args.full_epochs,
-            warmup_epochs=min(0.5, args.full_epochs / 4), augment=["crop", "flip"],
+            warmup_epochs=min(0.5, args.full_epochs / 4), augment=["crop", "flip"], progressive_sizes=progressive,
         )
     # The cache holds each image and its flip; crop translates the cached activations, cutout zeroes a square of
     # them (prefix_cache.py).
@@ -151,7 +160,8 @@ def run_row(model: str, row: str, img_size: int, args: argparse.Namespace) -> di
     """One row of the table: trained (or reused), exported and timed (or reused); skipped or failed in one line."""
     key = {"model": model, "row": row, "img_size": img_size,
            "translated": row.startswith("last") and args.translate_activations,
-           "cutout": args.cutout_activations if row.startswith("last") else 0}
+           "cutout": args.cutout_activations if row.startswith("last") else 0,
+           "progressive_sizes": progressive_sizes(row, img_size, args)}
     if row.startswith("last") and not prefix_cache_available():
         reason = ("needs `--freeze N --cached-features` (the cached prefix of issue 16 item 1, branch `prefix`), "
                   "which this cifarx does not have yet")
@@ -181,7 +191,8 @@ def trained_what(result: dict) -> str:
     if result["row"] == "linear":
         return "head (linear probe)"
     if result["row"] == "full":
-        return "all"
+        progressive = result.get("progressive_sizes")
+        return f"all, progressive resizing from {', '.join(map(str, progressive))} px" if progressive else "all"
     stages = result["row"].removeprefix("last")
     translated = f", activations translated by {result['prefix_translate_cells']}" if result.get("translated") else ""
     cutout = (f", {result['prefix_cutout_cells']}x{result['prefix_cutout_cells']} cutout" if result.get("cutout")
@@ -192,7 +203,7 @@ def trained_what(result: dict) -> str:
 def row_key(result: dict) -> tuple:
     """Where a row sorts in the table: by row (cheapest first), model, image size."""
     return (ROWS.index(result["row"]), result["model"], result["img_size"], result.get("translated", False),
-            result.get("cutout", 0))
+            result.get("cutout", 0), result.get("progressive_sizes", []))
 
 
 def markdown(results: list[dict], cpu: dict, commands: list[str]) -> str:
@@ -227,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linear-lr", type=float, default=2e-3)
     parser.add_argument("--partial-epochs", type=int, default=10, help="epochs of the last1/last2/last3 rows")
     parser.add_argument("--full-epochs", type=int, default=3)
+    parser.add_argument("--progressive-sizes", default="", metavar="SIZES",
+                        help="full: progressive resizing, e.g. 96,112 (those below each --sizes), rows of their own")
     parser.add_argument("--lr", type=float, default=0.05, help="the head's peak lr in the partial and full rows")
     parser.add_argument("--backbone-lr-scale", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=64, help="of the partial and full rows (linear: 256)")
@@ -252,8 +265,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{what} must list some of {', '.join(known)}, got {','.join(given)!r}")
     try:
         sizes = [int(size) for size in _comma_list(args.sizes)]
+        args.progressive_sizes = [int(size) for size in _comma_list(args.progressive_sizes)]
     except ValueError:
-        parser.error(f"--sizes must be a comma list of integers, got {args.sizes!r}")
+        parser.error(f"--sizes and --progressive-sizes must be comma lists of integers, got {args.sizes!r}, "
+                     f"{args.progressive_sizes!r}")
     if not sizes or min(sizes) < 8 or args.latency_repeats < 1 or (args.threads or 0) < 1:
         parser.error("--sizes must list sizes >= 8, --latency-repeats and --threads must be >= 1")
 

@@ -96,6 +96,16 @@ def _parse_unlabelled(ctx, param, value):
         raise click.BadParameter(f"expected a whole number or 'all', got {value!r}") from None
 
 
+def _parse_sizes(ctx, param, value):
+    """'96,112' -> [96, 112]."""
+    if value is None:
+        return None
+    try:
+        return [int(item) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected whole numbers separated by commas, got {value!r}") from None
+
+
 def _parse_settings(ctx, param, values):
     """KEY=VALUE pairs; values are read as JSON when they parse (numbers, true/false, lists), else as text."""
     settings = {}
@@ -191,6 +201,9 @@ class RichReporter:
               help="with --freeze all: backbone features once (cached), then the head alone; with --freeze N "
               "(EfficientNet): the frozen stages' activations once per image and its flip (cached, --set "
               "cache_dtype=float16), then the last N stages + head train on them")
+@click.option("--progressive-sizes", callback=_parse_sizes, help="timm/<name>: comma list of rising sizes the "
+              "training images are upsampled to in the run's first equal parts, before --img-size in the last "
+              "(progressive resizing)")
 @click.option("--model-arg", "model_args", multiple=True, callback=_parse_settings, help="KEY=VALUE passed to the model builder")
 @click.option("--set", "settings", multiple=True, callback=_parse_settings, help="KEY=VALUE for any other training setting")
 @click.option("--out", help="run folder (config, metrics, curves, checkpoints)")
@@ -201,7 +214,7 @@ class RichReporter:
 def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
           label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
           seed, patience, device, threads, compile_, channels_last, model_args, settings, out, resume,
-          img_size, freeze, pretrained, weights, backbone_lr_scale, cached_features, nproc, sync_bn):
+          img_size, freeze, pretrained, weights, backbone_lr_scale, cached_features, progressive_sizes, nproc, sync_bn):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png.
 
     Precedence: the preset < --set KEY=VALUE < the named options. --resume continues a run with its own settings;
@@ -222,6 +235,7 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
         augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
         labelled=labelled, labelled_per_class=labelled_per_class, unlabelled=unlabelled,
         backbone_lr_scale=backbone_lr_scale, cached_features=cached_features, sync_bn=sync_bn,
+        progressive_sizes=progressive_sizes,
     )
     transfer_args = {k: v for k, v in dict(img_size=img_size, freeze=freeze, pretrained=pretrained,
                                            weights=weights).items() if v is not None}

@@ -72,6 +72,9 @@ class TrainConfig:
     # --freeze N, the frozen prefix's activations once per image and its flip, then the loop (prefix_cache.py)
     cached_features: bool = False
     cache_dtype: str = "float16"  # the prefix activations' storage dtype: float16, bfloat16 or float32
+    # transfer, progressive resizing: the sizes the images are upsampled to in the run's first parts (equal shares of
+    # its epochs), rising, before the model's own img_size in the last part; validation and export always use img_size
+    progressive_sizes: list[int] = field(default_factory=list)
     schedule: str = "constant"
     warmup_epochs: float = 0.0
     initial_lr_fraction: float = 0.0  # warm-up starts at lr x this
@@ -142,6 +145,11 @@ class TrainConfig:
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]
         if unknown:
             raise CifarxError(f"unknown augmentation {unknown}; choose from {', '.join(AUGMENTATIONS)}")
+        if self.progressive_sizes:
+            sizes = self.progressive_sizes
+            if any(size < 8 for size in sizes) or sizes != sorted(sizes) or self.epochs <= len(sizes):
+                raise CifarxError(f"--progressive-sizes must rise, each >= 8, with fewer sizes than --epochs "
+                                  f"(the last part trains at --img-size); got {sizes} for {self.epochs} epochs")
         if {"flip", "alternating-flip"} <= set(self.augment):
             raise CifarxError("give flip (a coin per image and epoch) or alternating-flip (every other epoch), not both")
         from cifarx.registry import list_models, unknown_model_error

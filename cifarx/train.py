@@ -99,6 +99,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
         objective_state.to(device)
     optimizer = build_optimizer(model, config)
     _check_whitening_bias(model, config, ranks)
+    _check_progressive_sizes(model, config)
     steps_per_epoch = len(train_set) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     scheduler = build_scheduler(optimizer, steps_per_epoch, config)
@@ -153,6 +154,10 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
             epoch = state.epoch
             model.train()
             train_whitening_bias(model, epoch, config)
+            if config.progressive_sizes:
+                model.training_resize_to = progressive_size(epoch, config, model.resize_to)
+                if epoch == 0 or progressive_size(epoch - 1, config, model.resize_to) != model.training_resize_to:
+                    reporter.message(f"progressive resizing: training at {model.training_resize_to} px from epoch {epoch + 1}")
             reporter.start_epoch(epoch, config.epochs, steps_per_epoch)
             skip = state.step_in_epoch
             if skip == 0:
@@ -270,6 +275,27 @@ def _check_whitening_bias(model: nn.Module, config: TrainConfig, ranks: distribu
     if ranks.is_distributed:
         raise CifarxError("whiten_bias_epochs freezes a parameter mid-run, which DistributedDataParallel does not allow; "
                           "leave it unset under --nproc")
+
+
+def progressive_size(epoch: int, config: TrainConfig, img_size: int) -> int:
+    """The side training images are upsampled to in `epoch` (from 0): the run's epochs in len(progressive_sizes) + 1
+    equal parts, the last at the model's `img_size`."""
+    part = epoch * (len(config.progressive_sizes) + 1) // config.epochs
+    return [*config.progressive_sizes, img_size][part]
+
+
+def _check_progressive_sizes(model: nn.Module, config: TrainConfig) -> None:
+    """Refuse progressive resizing where there is nothing to resize: models without the in-graph resize, cached
+    activations (computed once at img_size), sizes above the img_size validation and export use."""
+    if not config.progressive_sizes:
+        return
+    img_size = getattr(model, "resize_to", None)
+    if img_size is None:
+        raise CifarxError(f"--progressive-sizes needs a timm/<name> model (the resize inside it); {config.model} has none")
+    if config.cached_features:
+        raise CifarxError("--progressive-sizes cannot act on --cached-features (the cache is computed at --img-size once)")
+    if max(config.progressive_sizes) > img_size:
+        raise CifarxError(f"--progressive-sizes must stay at or below --img-size {img_size}, got {config.progressive_sizes}")
 
 
 def _restore(payload: dict, model: nn.Module, optimizer, scheduler, ema, lookahead, objective_state,

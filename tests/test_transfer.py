@@ -253,3 +253,47 @@ def test_offline_package_is_the_default_and_holds_imagenet_weights(package, monk
     first, second = probabilities.topk(2).values.tolist()
     assert ImageNetInfo().index_to_label_name(int(probabilities.argmax())) == "n03763968"  # military uniform
     assert first > 3 * second  # Lite0 0.39 vs 0.09, Lite2 0.18 vs 0.03
+
+
+def test_progressive_resizing_trains_at_rising_sizes_and_validates_at_img_size(image_folder, tmp_path, monkeypatch):
+    from cifarx import train as train_module
+
+    seen = []  # (training?, side) of every batch the backbone gets
+
+    def recording_model(*args, **kwargs):
+        model = create_model(*args, **kwargs)
+        model.backbone.register_forward_pre_hook(lambda module, inputs: seen.append((module.training, inputs[0].shape[-1])))
+        return model
+
+    monkeypatch.setattr(train_module, "create_model", recording_model)
+    config = make_train_config(model=f"timm/{TINY}", data=str(image_folder), epochs=3, batch_size=16, val_size=16,
+                               out=str(tmp_path / "run"), progressive_sizes=[32, 40],
+                               model_kwargs={"img_size": 48, "freeze": "none"})
+    train_module.train(config)
+    training_sides = [side for training, side in seen if training]
+    assert sorted(set(training_sides), key=training_sides.index) == [32, 40, 48]
+    assert len(training_sides) == 3 * (len(training_sides) // 3)  # one size per epoch, an epoch's batches each
+    assert {side for training, side in seen if not training} == {48}
+    model, _ = load_model(tmp_path / "run" / "best.pt")
+    assert model.resize_to == 48 and model.training_resize_to is None  # export sees img_size only
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(model="simple-cnn", model_kwargs={}), "needs a timm/<name> model"),
+    (dict(cached_features=True), "cannot act on --cached-features"),
+    (dict(progressive_sizes=[32, 56]), "at or below --img-size 48"),
+])
+def test_progressive_resizing_where_it_cannot_act_is_refused_in_one_line(image_folder, tmp_path, settings, message):
+    from cifarx.train import train
+
+    values = dict(model=f"timm/{TINY}", data=str(image_folder), epochs=3, batch_size=16, val_size=16,
+                  out=str(tmp_path / "run"), progressive_sizes=[32, 40], model_kwargs={"img_size": 48, "freeze": 2})
+    with pytest.raises(CifarxError, match=re.escape(message)) as error:
+        train(make_train_config(**{**values, **settings}))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("sizes, epochs", [([40, 32], 3), ([4], 3), ([32, 40], 2)])
+def test_progressive_sizes_that_do_not_rise_or_outnumber_the_epochs_are_refused(sizes, epochs):
+    with pytest.raises(CifarxError, match="must rise, each >= 8, with fewer sizes than --epochs"):
+        make_train_config(model=f"timm/{TINY}", epochs=epochs, progressive_sizes=sizes)

@@ -170,6 +170,7 @@ class TimmClassifier(nn.Module):
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
         self.resize_to = img_size
+        self.training_resize_to: int | None = None  # progressive resizing: the size training batches use for now
         self.rebuild_kwargs = rebuild_kwargs  # what the checkpoint stores to rebuild this model without downloads
         self.export_metadata = export_metadata  # merged into the ONNX metadata by cifarx.export
         self._freeze(freeze)
@@ -211,9 +212,9 @@ class TimmClassifier(nn.Module):
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)  # before the resize: cheaper at 32x32, and equal (bilinear weights sum to one)
-        if self.resize_to != x.shape[-1]:
-            x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear", align_corners=False,
-                              antialias=False)
+        size = self.training_resize_to if self.training and self.training_resize_to else self.resize_to
+        if size != x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
