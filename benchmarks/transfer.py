@@ -203,7 +203,7 @@ def trained_what(result: dict) -> str:
 def row_key(result: dict) -> tuple:
     """Where a row sorts in the table: by row (cheapest first), model, image size."""
     return (ROWS.index(result["row"]), result["model"], result["img_size"], result.get("translated", False),
-            result.get("cutout", 0), result.get("progressive_sizes", []))
+            result.get("cutout", 0), tuple(result.get("progressive_sizes", ())))
 
 
 def markdown(results: list[dict], cpu: dict, commands: list[str]) -> str:
