@@ -10,6 +10,9 @@ Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the 
 - full: `--freeze none`: the whole network through the training loop, on augmented images; with
   --progressive-sizes 96,112 the first parts of the run train at those sizes (`progressive_sizes`), in
   OUT/<model>-full-<size>-from96-112/.
+- every row but linear: with --freeze-bn every BatchNorm layer keeps its ImageNet statistics and scale/shift
+  (`cifarx train --freeze-bn`), in OUT/...-frozenbn/; with --ema-decay D the best checkpoint is the weights' moving
+  average (`ema_decay`), in OUT/...-emaD/.
 
 Each row gives the best validation accuracy (5,000 images held out of train, seed 0; with --tta also the best
 checkpoint's with test-time augmentation), the training wall time and threads, and the latency of the exported best
@@ -72,36 +75,48 @@ def progressive_sizes(row: str, img_size: int, args: argparse.Namespace) -> list
     return [size for size in args.progressive_sizes if size < img_size] if row == "full" else []
 
 
+def loop_levers(row: str, args: argparse.Namespace) -> dict:
+    """The fine-tuning levers of the rows that train through the loop (not the linear probe): {} when all are off."""
+    if row == "linear":
+        return {}
+    return {key: value for key, value in (("freeze_bn", args.freeze_bn), ("ema_decay", args.ema_decay)) if value}
+
+
 def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) -> TrainConfig:
     """The training settings of one row (checked by make_train_config before anything runs)."""
     name, package = MODELS[model]
-    weights = {"pretrained": True} if args.pretrained else {"weights": package}
     translated = row.startswith("last") and args.translate_activations
     cutout = args.cutout_activations if row.startswith("last") else 0
     progressive = progressive_sizes(row, img_size, args)
+    levers = loop_levers(row, args)
+    backbone_args = {"pretrained": True} if args.pretrained else {"weights": package}
+    backbone_args.update({"freeze_bn": True} if levers.get("freeze_bn") else {})
+    ema = f"-ema{levers['ema_decay']}" if "ema_decay" in levers else ""
     folder = (f"{model}-{row}-{img_size}{'-crop' if translated else ''}{f'-cutout{cutout}' if cutout else ''}"
-              f"{'-from' + '-'.join(map(str, progressive)) if progressive else ''}")
+              f"{'-from' + '-'.join(map(str, progressive)) if progressive else ''}"
+              f"{'-frozenbn' if levers.get('freeze_bn') else ''}{ema}")
     common = dict(model=name, data=args.data, val_size=args.val_size, train_size=args.train_size, seed=args.seed,
                   threads=args.threads, out=str(Path(args.out) / folder), eval_batch_size=100)
     if row == "linear":
         return make_train_config(
-            **common, model_kwargs={"img_size": img_size, "freeze": "all", **weights}, cached_features=True,
+            **common, model_kwargs={"img_size": img_size, "freeze": "all", **backbone_args}, cached_features=True,
             epochs=args.linear_epochs, batch_size=256, optimizer="adamw", lr=args.linear_lr, weight_decay=1e-4,
             schedule="cosine",
         )
     loop = dict(batch_size=args.batch_size, optimizer="sgd", nesterov=True, lr=args.lr,
                 backbone_lr_scale=args.backbone_lr_scale, weight_decay=5e-5, schedule="cosine", label_smoothing=0.1,
-                tta=args.tta)
+                tta=args.tta, ema_decay=levers.get("ema_decay", 0.0))
     if row == "full":
         return make_train_config(
-            **common, **loop, model_kwargs={"img_size": img_size, "freeze": "none", **weights}, epochs=args.full_epochs,
-            warmup_epochs=min(0.5, args.full_epochs / 4), augment=["crop", "flip"], progressive_sizes=progressive,
+            **common, **loop, model_kwargs={"img_size": img_size, "freeze": "none", **backbone_args},
+            epochs=args.full_epochs, warmup_epochs=min(0.5, args.full_epochs / 4), augment=["crop", "flip"],
+            progressive_sizes=progressive,
         )
     # The cache holds each image and its flip; crop translates the cached activations, cutout zeroes a square of
     # them (prefix_cache.py).
     augment = ["crop", "flip"] if translated else ["flip"]
     return make_train_config(
-        **common, **loop, model_kwargs={"img_size": img_size, "freeze": int(row.removeprefix("last")), **weights},
+        **common, **loop, model_kwargs={"img_size": img_size, "freeze": int(row.removeprefix("last")), **backbone_args},
         cached_features=True, cache_dtype=args.cache_dtype, epochs=args.partial_epochs,
         warmup_epochs=min(0.5, args.partial_epochs / 4), augment=augment + ["cutout"] * bool(cutout),
         **({"cutout_size": cutout} if cutout else {}),
@@ -161,7 +176,7 @@ def run_row(model: str, row: str, img_size: int, args: argparse.Namespace) -> di
     key = {"model": model, "row": row, "img_size": img_size,
            "translated": row.startswith("last") and args.translate_activations,
            "cutout": args.cutout_activations if row.startswith("last") else 0,
-           "progressive_sizes": progressive_sizes(row, img_size, args)}
+           "progressive_sizes": progressive_sizes(row, img_size, args), **loop_levers(row, args)}
     if row.startswith("last") and not prefix_cache_available():
         reason = ("needs `--freeze N --cached-features` (the cached prefix of issue 16 item 1, branch `prefix`), "
                   "which this cifarx does not have yet")
@@ -192,18 +207,25 @@ def trained_what(result: dict) -> str:
         return "head (linear probe)"
     if result["row"] == "full":
         progressive = result.get("progressive_sizes")
-        return f"all, progressive resizing from {', '.join(map(str, progressive))} px" if progressive else "all"
+        what = f"all, progressive resizing from {', '.join(map(str, progressive))} px" if progressive else "all"
+        return what + levers_what(result)
     stages = result["row"].removeprefix("last")
     translated = f", activations translated by {result['prefix_translate_cells']}" if result.get("translated") else ""
     cutout = (f", {result['prefix_cutout_cells']}x{result['prefix_cutout_cells']} cutout" if result.get("cutout")
               else "")
-    return f"last {stages} stage{'s' * (stages != '1')} + head{translated}{cutout}"
+    return f"last {stages} stage{'s' * (stages != '1')} + head{translated}{cutout}{levers_what(result)}"
+
+
+def levers_what(result: dict) -> str:
+    return ((", BatchNorm frozen" if result.get("freeze_bn") else "")
+            + (f", EMA {result['ema_decay']}" if result.get("ema_decay") else ""))
 
 
 def row_key(result: dict) -> tuple:
     """Where a row sorts in the table: by row (cheapest first), model, image size."""
     return (ROWS.index(result["row"]), result["model"], result["img_size"], result.get("translated", False),
-            result.get("cutout", 0), tuple(result.get("progressive_sizes", ())))
+            result.get("cutout", 0), tuple(result.get("progressive_sizes", ())), result.get("freeze_bn", False),
+            result.get("ema_decay", 0.0))
 
 
 def markdown(results: list[dict], cpu: dict, commands: list[str]) -> str:
@@ -249,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cutout-activations", type=int, default=0, metavar="PIXELS",
                         help="last1-3: zero a square of this many pixels of the 32-px image (in cells) in the cached "
                              "activations (cutout), rows of their own; 0 = off")
+    parser.add_argument("--freeze-bn", action="store_true",
+                        help="partial and full rows: BatchNorm keeps its ImageNet statistics and scale/shift")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="partial and full rows: checkpoints hold the weights' moving average (0 = off)")
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "flip-translate"])
     parser.add_argument("--train-size", type=int, help="train on only this many images (smoke tests)")
     parser.add_argument("--val-size", type=int, default=5000)

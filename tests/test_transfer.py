@@ -181,6 +181,32 @@ def test_cli_transfer_options_reach_the_model(image_folder, tmp_path):
     assert read_checkpoint(out / "best.pt")["model"]["kwargs"]["img_size"] == 36
 
 
+def test_freeze_bn_keeps_every_batchnorm_as_built_while_the_rest_fine_tunes(image_folder, tmp_path, tiny_weights):
+    from click.testing import CliRunner
+
+    from cifarx.cli import cli
+
+    def batchnorm_state(model):
+        layers = {name for name, m in model.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        return {k: v.clone() for k, v in model.backbone.state_dict().items() if k.rsplit(".", 1)[0] in layers}
+
+    start = create_model(f"timm/{TINY}", num_classes=10, img_size=32, weights=str(tiny_weights))
+    for flag, out in (("--freeze-bn", tmp_path / "frozen"), ("--no-freeze-bn", tmp_path / "training")):
+        result = CliRunner().invoke(cli, ["train", "--model", f"timm/{TINY}", "--data", str(image_folder), "--epochs",
+                                          "1", "--batch-size", "16", "--val-size", "16", "--img-size", "32",
+                                          "--freeze", "none", "--weights", str(tiny_weights), flag, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    frozen, payload = load_model(tmp_path / "frozen" / "last.pt")
+    training, _ = load_model(tmp_path / "training" / "last.pt")
+    assert payload["model"]["kwargs"]["freeze_bn"] is True  # a resumed run rebuilds the same trainable set
+    before, kept, moved = batchnorm_state(start), batchnorm_state(frozen), batchnorm_state(training)
+    assert before and all(torch.equal(kept[k], before[k]) for k in before)  # statistics and scale/shift
+    batchnorms = [m for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not any(p.requires_grad for m in batchnorms for p in m.parameters())
+    assert any(not torch.equal(moved[k], before[k]) for k in before if k.endswith("running_mean"))
+    assert not torch.equal(frozen.backbone.conv_stem.weight, start.backbone.conv_stem.weight)  # the convs trained
+
+
 def test_pretrained_without_a_reachable_hub_fails_in_one_line(monkeypatch):
     monkeypatch.setattr(transfer, "_hub_available", lambda: False)
     with pytest.raises(CifarxError, match="hub is unreachable") as error:
