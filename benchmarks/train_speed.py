@@ -1,7 +1,8 @@
 """Training throughput: cifarx's tensor data path against a plain DataLoader + torchvision transforms pipeline.
 
 Same network, batch size, optimiser and augmentation (random translate by padding+crop, horizontal flip) in the
-same run, on the same device. Reports images/s of the training step alone (one batch reused), and of whole
+same run, on the same device. Reports images/s of the training step alone (one batch reused; in float32 and with
+the forward pass autocast to bfloat16, as `cifarx train --precision bfloat16`), and of whole
 training steps fed by each data path, with the time each path spends waiting for data.
 
     python benchmarks/train_speed.py --data ~/cifar10-jpeg --device cpu --steps 20
@@ -22,12 +23,13 @@ from cifarx import data as datamod
 from cifarx.batches import split_train_val, training_batches
 from cifarx.config import make_train_config
 from cifarx.optimiser import build_optimizer
-from cifarx.process import keep_freed_memory
+from cifarx.process import keep_freed_memory, machine
 from cifarx.registry import create_model
 
 
-def timed_steps(model, optimizer, batches, steps, device, channels_last, label_smoothing):
-    """Run `steps` training steps from an iterator of batches; returns (seconds total, seconds waiting for data,
+def timed_steps(model, optimizer, batches, steps, device, channels_last, label_smoothing, dtype=torch.float32):
+    """Run `steps` training steps from an iterator of batches, the forward pass autocast to `dtype` as `cifarx train
+    --precision` does; returns (seconds total, seconds waiting for data,
     page faults per step, kernel CPU seconds per step) of this process."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -41,7 +43,8 @@ def timed_steps(model, optimizer, batches, steps, device, channels_last, label_s
             images = images.contiguous(memory_format=torch.channels_last)
         sync()
         waiting += time.perf_counter() - fetch
-        loss = torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,20 +102,23 @@ def main():
     optimizer = build_optimizer(model, config)
     smoothing = config.label_smoothing
 
-    def measure(batches):
-        timed_steps(model, optimizer, batches, 3, device, config.channels_last, smoothing)  # warm-up
-        return timed_steps(model, optimizer, batches, args.steps, device, config.channels_last, smoothing)
+    def measure(batches, dtype=torch.float32):
+        timed_steps(model, optimizer, batches, 3, device, config.channels_last, smoothing, dtype)  # warm-up
+        return timed_steps(model, optimizer, batches, args.steps, device, config.channels_last, smoothing, dtype)
 
     fixed = next(training_batches(train_set, config, 0, device, train_set.images.to(device)))
     step_only, _, step_faults, step_kernel_seconds = measure(iter(lambda: fixed, None))
+    step_only_bf16, _, _, _ = measure(iter(lambda: fixed, None), torch.bfloat16)  # --precision bfloat16
     ours, ours_wait, _, _ = measure(training_batches(train_set, config, 0, device, train_set.images.to(device)))
     baseline, baseline_wait, _, _ = measure(torchvision_batches(train_set, config, args.workers))
     images = args.steps * config.batch_size
     result = {
-        "device": args.device, "threads": torch.get_num_threads(), "model": config.model, "batch_size": config.batch_size,
+        **machine(), "device": args.device, "model": config.model, "batch_size": config.batch_size,
         "keep_freed_memory": kept,
         "steps": args.steps,
         "step_only_images_per_s": round(images / step_only, 1),
+        "step_only_bfloat16_images_per_s": round(images / step_only_bf16, 1),
+        "bfloat16_speedup": round(step_only / step_only_bf16, 2),
         "step_only_page_faults_per_step": round(step_faults), "step_only_kernel_seconds_per_step": round(step_kernel_seconds, 3),
         "cifarx_images_per_s": round(images / ours, 1), "cifarx_data_fraction": round(ours_wait / ours, 4),
         "torchvision_images_per_s": round(images / baseline, 1), "torchvision_data_fraction": round(baseline_wait / baseline, 4),

@@ -189,6 +189,9 @@ class RichReporter:
 @click.option("--threads", type=int, help="torch intra-op threads")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model")
 @click.option("--channels-last/--no-channels-last", default=None)
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "auto"]), help="the training forward pass's "
+              "dtype (bfloat16: torch.autocast; validation and export stay float32); auto: bfloat16 on a CPU with "
+              "AMX or a GPU that has it")
 @click.option("--img-size", type=click.IntRange(8), help="timm/<name>: side the 32x32 images are upsampled to, inside the model")
 @click.option("--freeze", help="timm/<name>: all, none, or the number of trailing backbone stages to train")
 @click.option("--pretrained/--no-pretrained", default=None,
@@ -215,7 +218,7 @@ class RichReporter:
 @click.option("--sync-bn/--no-sync-bn", default=None, help="distributed: BatchNorm statistics over the global batch")
 def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
           label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
-          seed, patience, device, threads, compile_, channels_last, model_args, settings, out, resume,
+          seed, patience, device, threads, compile_, channels_last, precision, model_args, settings, out, resume,
           img_size, freeze, freeze_bn, pretrained, weights, backbone_lr_scale, cached_features, progressive_sizes, nproc,
           sync_bn):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png.
@@ -234,7 +237,7 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
         model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
         ema_decay=ema_decay, tta=tta, val_size=val_size, train_size=train_size, seed=seed, patience=patience,
-        device=device, threads=threads, compile=compile_, channels_last=channels_last, out=out,
+        device=device, threads=threads, compile=compile_, channels_last=channels_last, precision=precision, out=out,
         augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
         labelled=labelled, labelled_per_class=labelled_per_class, unlabelled=unlabelled,
         backbone_lr_scale=backbone_lr_scale, cached_features=cached_features, sync_bn=sync_bn,

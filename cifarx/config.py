@@ -20,6 +20,8 @@ SCHEDULES = ("constant", "multistep", "cosine", "linear", "onecycle")
 AUGMENTATIONS = ("crop", "flip", "alternating-flip", "cutout", "rotate", "autoaugment", "erasing")
 TTA_MODES = ("none", "flip", "flip-translate")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")  # cached prefix activations (prefix_cache.py)
+# the training forward pass's dtype; auto: bfloat16 where the hardware runs it faster than float32 (train.py)
+PRECISIONS = ("float32", "bfloat16", "auto")
 TRANSLATE_MODES = ("reflect", "constant")  # the padding modes both torch.nn.functional.pad and torchvision's RandomCrop know
 # semi-supervised recipes: `--method X` is the preset SSL_METHODS[X]. vae-ssl: "deep-" ones have the TP3 CNN as
 # q(y|x); the fast network's: self-training rounds and their supervised-only baseline
@@ -109,6 +111,9 @@ class TrainConfig:
     threads: int | None = None
     channels_last: bool = True
     compile: bool = False
+    # bfloat16: the training step's forward pass under torch.autocast (validation, TTA and export stay float32). A CPU
+    # with AMX tiles trains `fast` about 2.4x faster so; one with AVX-512-BF16 but no AMX, slower (docs/benchmarks.md)
+    precision: str = "float32"
     workers: int = 2  # DataLoader workers, only for per-image torchvision augmentations
     # under torchrun (docs/distributed.md): BatchNorm statistics over the global batch instead of each rank's share,
     # and how long a rank waits for the others in a collective before the job stops with an error
@@ -138,7 +143,7 @@ class TrainConfig:
         if self.weight_decay < 0 or self.patience < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
             raise CifarxError("weight decay and patience must be >= 0; label smoothing and EMA decay in [0, 1)")
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "tta": TTA_MODES, "translate_mode": TRANSLATE_MODES,
-                   "cache_dtype": CACHE_DTYPES}
+                   "cache_dtype": CACHE_DTYPES, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CifarxError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")

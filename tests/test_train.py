@@ -178,3 +178,35 @@ def test_alternating_flip_run_resumes_with_the_same_flips(image_folder, tmp_path
     resumed = train(resume=tmp_path / "cut")
     assert resumed["final_val_accuracy"] == reference["final_val_accuracy"]
     assert_same_weights(final_weights(tmp_path / "cut"), final_weights(tmp_path / "ref"))
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_bfloat16_precision_autocasts_the_training_steps_forward_pass_and_nothing_else(image_folder, tmp_path, precision):
+    conv_outputs = {True: set(), False: set()}  # grad enabled (training step) / disabled (validation)
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Conv2d):
+            conv_outputs[torch.is_grad_enabled()].add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        summary = train(tiny_config(image_folder, tmp_path / "run", epochs=1, precision=precision))
+    finally:
+        handle.remove()
+    assert conv_outputs == {True: {getattr(torch, precision)}, False: {torch.float32}}
+    assert summary["training_precision"] == precision
+    assert all(w.dtype == torch.float32 for w in final_weights(tmp_path / "run").values() if w.is_floating_point())
+
+
+def test_auto_precision_picks_bfloat16_only_where_the_cpu_has_amx():
+    from cifarx.train import training_dtype
+
+    cpu = torch.device("cpu")
+    assert training_dtype("auto", cpu, {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) == torch.bfloat16
+    assert training_dtype("auto", cpu, {"avx512f", "avx512_bf16"}) == torch.float32  # bf16 without AMX is slower
+    assert training_dtype("float32", cpu, {"amx_bf16"}) == torch.float32
+
+
+def test_unknown_precision_is_one_clear_line(image_folder, tmp_path):
+    with pytest.raises(CifarxError, match="unknown precision 'fp8'; choose from float32, bfloat16, auto"):
+        train(tiny_config(image_folder, tmp_path / "run", precision="fp8"))
