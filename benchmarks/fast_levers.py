@@ -14,8 +14,9 @@ training loop, switched on alone over the preset (and all together), over one or
                       accuracy and gain only 0.1 point over 15 (benchmarks/flagship.py --epochs 21)
     wide-8-epochs     airbench95's widths 128/384/384 (603 MFLOPs an image against 236) for the epochs the 1,800 s
                       budget holds if time scales with FLOPs, warm-up 23%
-    bfloat16          the baseline with the training forward pass autocast to bfloat16 (--precision bfloat16): on a
-                      CPU with AMX tiles its steps run about 2.4x faster; what does it cost in accuracy?
+
+--precision bfloat16 runs the chosen levers with the training forward pass autocast to bfloat16 (`cifarx train
+--precision`), in folders <lever>-bfloat16-seed<S>: on a CPU with AMX tiles fast's epochs take half the time.
 
 Per run: best validation accuracy, with the preset's test-time augmentation, final accuracy, the loop's training
 seconds and the run's wall time; the table adds mean +- std per lever over the seeds, and the CPU and its ISA flags
@@ -42,7 +43,7 @@ from pathlib import Path
 from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
 
 from cifarx.cli import RichReporter
-from cifarx.config import load_preset, make_train_config
+from cifarx.config import PRECISIONS, load_preset, make_train_config
 from cifarx.io import atomic_write_json, atomic_write_text
 from cifarx.process import keep_freed_memory
 from cifarx.train import train
@@ -65,16 +66,22 @@ def lever_settings(args: argparse.Namespace) -> dict[str, dict]:
     levers["cutout-21-epochs"] = {**off, "augment": off["augment"] + ["cutout"], "cutout_size": 8, "epochs": 21,
                                   "warmup_epochs": 4.83}
     levers["wide-8-epochs"] = {**off, "model_kwargs": {"widths": [128, 384, 384]}, "epochs": 8, "warmup_epochs": 1.84}
-    levers["bfloat16"] = {**off, "precision": "bfloat16"}
+    if args.precision != "float32":
+        levers = {lever: {**settings, "precision": args.precision} for lever, settings in levers.items()}
     return levers
+
+
+def precision_suffix(args: argparse.Namespace) -> str:
+    return "" if args.precision == "float32" else f"-{args.precision}"
 
 
 def run_lever(lever: str, settings: dict, seed: int, args: argparse.Namespace) -> dict:
     """Train the preset with one lever's settings (or reuse the finished run); its summary plus what it ran with."""
     budget = {"epochs": args.epochs, "train_size": args.train_size, "threads": args.threads}
     config = make_train_config(args.preset, settings=settings, data=args.data, val_size=args.val_size,
-                               seed=seed, out=str(Path(args.out) / f"{lever}-seed{seed}"), **budget)
-    record = {"lever": lever, "seed": seed, "settings": settings, "epochs": config.epochs}
+                               seed=seed, out=str(Path(args.out) / f"{lever}{precision_suffix(args)}-seed{seed}"),
+                               **budget)
+    record = {"lever": lever + precision_suffix(args), "seed": seed, "settings": settings, "epochs": config.epochs}
     finished = Path(config.out) / "summary.json"
     if finished.exists():  # a benchmark stopped half-way (or extended by seeds) does not train a finished run again
         print(f"== {lever} seed {seed}: reusing the finished run {config.out}")
@@ -116,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=str(Path.home() / "cifar10-jpeg"), help="image folder with train/<class>/")
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--levers", default="baseline,muon,alternating-flip,whiten-bias,all,batch-512,batch-512-20-epochs",
-                        help="comma list of: " + ", ".join(lever_settings(argparse.Namespace(preset="fast", whiten_bias_epochs=3))))
+                        help="comma list of: " + ", ".join(lever_settings(argparse.Namespace(
+                            preset="fast", whiten_bias_epochs=3, precision="float32"))))
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="the training forward pass of every chosen lever (cifarx train --precision)")
     parser.add_argument("--seeds", default="0,1", help="comma list of seeds; each lever runs once per seed")
     parser.add_argument("--whiten-bias-epochs", type=int, default=3, help="airbench94: 3 (of its 9.9 epochs)")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs (e.g. 1 for a smoke test)")

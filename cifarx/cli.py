@@ -189,9 +189,9 @@ class RichReporter:
 @click.option("--threads", type=int, help="torch intra-op threads")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model")
 @click.option("--channels-last/--no-channels-last", default=None)
-@click.option("--precision", type=click.Choice(["float32", "bfloat16", "auto"]), help="the training forward pass's "
-              "dtype (bfloat16: torch.autocast; validation and export stay float32); auto: bfloat16 on a CPU with "
-              "AMX or a GPU that has it")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), help="the training step's forward pass "
+              "(bfloat16: torch.autocast; validation and export stay float32). On CPUs with AMX, bfloat16 trains fast "
+              "1.8x faster, EfficientNet slower: benchmarks/train_speed.py measures both")
 @click.option("--img-size", type=click.IntRange(8), help="timm/<name>: side the 32x32 images are upsampled to, inside the model")
 @click.option("--freeze", help="timm/<name>: all, none, or the number of trailing backbone stages to train")
 @click.option("--pretrained/--no-pretrained", default=None,

@@ -20,8 +20,7 @@ SCHEDULES = ("constant", "multistep", "cosine", "linear", "onecycle")
 AUGMENTATIONS = ("crop", "flip", "alternating-flip", "cutout", "rotate", "autoaugment", "erasing")
 TTA_MODES = ("none", "flip", "flip-translate")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")  # cached prefix activations (prefix_cache.py)
-# the training forward pass's dtype; auto: bfloat16 where the hardware runs it faster than float32 (train.py)
-PRECISIONS = ("float32", "bfloat16", "auto")
+PRECISIONS = ("float32", "bfloat16")  # the training step's forward pass
 TRANSLATE_MODES = ("reflect", "constant")  # the padding modes both torch.nn.functional.pad and torchvision's RandomCrop know
 # semi-supervised recipes: `--method X` is the preset SSL_METHODS[X]. vae-ssl: "deep-" ones have the TP3 CNN as
 # q(y|x); the fast network's: self-training rounds and their supervised-only baseline
@@ -111,8 +110,9 @@ class TrainConfig:
     threads: int | None = None
     channels_last: bool = True
     compile: bool = False
-    # bfloat16: the training step's forward pass under torch.autocast (validation, TTA and export stay float32). A CPU
-    # with AMX tiles trains `fast` about 2.4x faster so; one with AVX-512-BF16 but no AMX, slower (docs/benchmarks.md)
+    # bfloat16: the training step's forward pass under torch.autocast (validation, TTA and export stay float32). Whether
+    # it pays depends on CPU and network, so it is chosen, not guessed: with AMX tiles `fast` steps 1.8x faster,
+    # EfficientNet-Lite0 (depthwise convolutions) 0.6x; without AMX it is slower (docs/benchmarks.md)
     precision: str = "float32"
     workers: int = 2  # DataLoader workers, only for per-image torchvision augmentations
     # under torchrun (docs/distributed.md): BatchNorm statistics over the global batch instead of each rank's share,

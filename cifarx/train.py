@@ -35,7 +35,7 @@ from cifarx.models.common import TestTimeAugmentation
 from cifarx.objectives import make_objective
 from cifarx.optimiser import Lookahead, build_optimizer, build_scheduler, schedule_warning, train_whitening_bias
 from cifarx.prefix_cache import PrefixInputs
-from cifarx.process import cpu_info, machine
+from cifarx.process import machine
 from cifarx.registry import create_model
 from cifarx.runfolder import Reporter, RunState, SilentReporter
 
@@ -81,7 +81,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     if config.threads:
         torch.set_num_threads(config.threads)
     device = ranks.join(resolve_device(config.device), config.batch_size, config.dist_timeout)
-    forward_dtype = training_dtype(config.precision, device)
+    forward_dtype = getattr(torch, config.precision)  # of the training step's forward pass
 
     # ------------------------------------------------------------------ data
     train_set, val_set = ranks.main_first(split_train_val, config)
@@ -247,19 +247,6 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
         extra = {"training_precision": str(forward_dtype).removeprefix("torch."),
                  **(prefix.summary() if prefix is not None else {})}
         return ranks.run_on_main(summarize, run_dir, config, state, val_set, device, extra)
-
-
-def training_dtype(precision: str, device: torch.device, cpu_flags: set[str] | None = None) -> torch.dtype:
-    """The dtype of the training step's forward pass. auto: bfloat16 where it is the faster one -- a CPU with AMX
-    tiles (oneDNN runs bfloat16 convolutions on them; AVX-512-BF16 alone is slower than float32 here), a GPU that
-    supports it -- else float32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            faster = torch.cuda.is_bf16_supported()
-        else:
-            faster = "amx_bf16" in (cpu_info()[1] if cpu_flags is None else cpu_flags)
-        precision = "bfloat16" if faster else "float32"
-    return getattr(torch, precision)
 
 
 def _build_model(config: TrainConfig, payload: dict | None, train_set: datamod.ImageSet, device: torch.device,

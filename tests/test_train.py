@@ -198,15 +198,6 @@ def test_bfloat16_precision_autocasts_the_training_steps_forward_pass_and_nothin
     assert all(w.dtype == torch.float32 for w in final_weights(tmp_path / "run").values() if w.is_floating_point())
 
 
-def test_auto_precision_picks_bfloat16_only_where_the_cpu_has_amx():
-    from cifarx.train import training_dtype
-
-    cpu = torch.device("cpu")
-    assert training_dtype("auto", cpu, {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) == torch.bfloat16
-    assert training_dtype("auto", cpu, {"avx512f", "avx512_bf16"}) == torch.float32  # bf16 without AMX is slower
-    assert training_dtype("float32", cpu, {"amx_bf16"}) == torch.float32
-
-
 def test_unknown_precision_is_one_clear_line(image_folder, tmp_path):
-    with pytest.raises(CifarxError, match="unknown precision 'fp8'; choose from float32, bfloat16, auto"):
+    with pytest.raises(CifarxError, match="unknown precision 'fp8'; choose from float32, bfloat16"):
         train(tiny_config(image_folder, tmp_path / "run", precision="fp8"))
