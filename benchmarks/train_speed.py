@@ -8,7 +8,7 @@ training steps fed by each data path, with the time each path spends waiting for
     python benchmarks/train_speed.py --data ~/cifar10-jpeg --device cpu --steps 20
     python benchmarks/train_speed.py --data ~/cifar10-jpeg --device cuda --steps 200   # the seed's GPU question
     python benchmarks/train_speed.py --data ~/cifar10-jpeg --batch-size 512 --steps 12  # images/s against the batch
-    python benchmarks/train_speed.py --data ~/cifar10-jpeg --model timm/efficientnet_lite0 --model-arg img_size=128 \
+    python benchmarks/train_speed.py --data ~/cifar10-jpeg --model timm/efficientnet_lite0 --model-arg img_size=128 \\
         --model-arg pretrained=false --batch-size 64 --steps 6     # is bfloat16 faster for this network here?
 """
 
