@@ -14,9 +14,12 @@ training loop, switched on alone over the preset (and all together), over one or
                       accuracy and gain only 0.1 point over 15 (benchmarks/flagship.py --epochs 21)
     wide-8-epochs     airbench95's widths 128/384/384 (603 MFLOPs an image against 236) for the epochs the 1,800 s
                       budget holds if time scales with FLOPs, warm-up 23%
+    wide              the same widths for the preset's 15 epochs: 1,774 s with --precision bfloat16 on an AMX CPU,
+                      whose bfloat16 step runs 3x its float32 one (docs/benchmarks.md, session 14)
 
 --precision bfloat16 runs the chosen levers with the training forward pass autocast to bfloat16 (`cifarx train
---precision`), in folders <lever>-bfloat16-seed<S>: on a CPU with AMX tiles fast's epochs take half the time.
+--precision`), in folders <lever>-bfloat16-seed<S>: on a CPU with AMX tiles fast's epochs take a half to a third
+of the time.
 
 Per run: best validation accuracy, with the preset's test-time augmentation, final accuracy, the loop's training
 seconds and the run's wall time; the table adds mean +- std per lever over the seeds, and the CPU and its ISA flags
@@ -66,6 +69,7 @@ def lever_settings(args: argparse.Namespace) -> dict[str, dict]:
     levers["cutout-21-epochs"] = {**off, "augment": off["augment"] + ["cutout"], "cutout_size": 8, "epochs": 21,
                                   "warmup_epochs": 4.83}
     levers["wide-8-epochs"] = {**off, "model_kwargs": {"widths": [128, 384, 384]}, "epochs": 8, "warmup_epochs": 1.84}
+    levers["wide"] = {**off, "model_kwargs": {"widths": [128, 384, 384]}}
     if args.precision != "float32":
         levers = {lever: {**settings, "precision": args.precision} for lever, settings in levers.items()}
     return levers
