@@ -68,8 +68,8 @@ def lever_settings(args: argparse.Namespace) -> dict[str, dict]:
     levers["batch-512-20-epochs"] = {**levers["batch-512"], "epochs": 20, "warmup_epochs": 4.6}
     levers["cutout-21-epochs"] = {**off, "augment": off["augment"] + ["cutout"], "cutout_size": 8, "epochs": 21,
                                   "warmup_epochs": 4.83}
-    levers["wide-8-epochs"] = {**off, "model_kwargs": {"widths": [128, 384, 384]}, "epochs": 8, "warmup_epochs": 1.84}
     levers["wide"] = {**off, "model_kwargs": {"widths": [128, 384, 384]}}
+    levers["wide-8-epochs"] = {**levers["wide"], "epochs": 8, "warmup_epochs": 1.84}
     if args.precision != "float32":
         levers = {lever: {**settings, "precision": args.precision} for lever, settings in levers.items()}
     return levers
