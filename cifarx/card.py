@@ -138,6 +138,7 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
         "train_images": summary.get("train_images"),
         "train_seconds": summary.get("train_seconds"),
         "machine": summary.get("machine"),  # where train_seconds was measured
+        "training_precision": summary.get("training_precision"),  # bfloat16 halves train_seconds on AMX CPUs
         "epochs": summary.get("epochs_run", config.get("epochs")),
         "finished": summary.get("finished"),  # False: exported while training (or after it stopped)
         "epochs_planned": config.get("epochs"),
@@ -165,6 +166,10 @@ def _machine_text(machine: dict | None) -> str:
     return f", {threads} of {machine['cpu']} ({', '.join(machine['isa_flags']) or 'no AVX2'})"
 
 
+def _precision_text(precision: str | None) -> str:
+    return f", training step in {precision}" if precision else ""  # runs from before summaries recorded it: nothing
+
+
 def _markdown(card: dict) -> str:
     validation = card["val_accuracy"]
     if validation:
@@ -182,7 +187,7 @@ def _markdown(card: dict) -> str:
         "|---|---|",
         f"| validation accuracy | {accuracy} |",
         f"| trained on | {card['train_images']} images, {card['epochs']} epochs{unfinished}, {card['train_seconds']} s "
-        f"wall time{_machine_text(card.get('machine'))} |",
+        f"wall time{_precision_text(card.get('training_precision'))}{_machine_text(card.get('machine'))} |",
         f"| preset / seed | {card['preset']} / {card['seed']} |",
         *[f"| {name.replace('_', ' ')} | {card[name]} |" for name in FAMILY_FIELDS if name in card],
         f"| input | {card['input']} |",

@@ -44,18 +44,23 @@ ISA_FLAGS = ("avx512_vnni", "avx_vnni", "avx512f", "avx512bw", "avx512_bf16", "a
 
 
 def cpu_info(cpuinfo: str | None = None) -> tuple[str, set[str]]:
-    """The CPU's model name and its flags, from /proc/cpuinfo (or the text given); the platform's name and no flags
-    where there is none (not Linux)."""
+    """The CPU's model name with its family and model numbers, and its flags, from /proc/cpuinfo (or the text
+    given); the platform's name and no flags where there is none (not Linux)."""
     if cpuinfo is None:
         try:
             cpuinfo = open("/proc/cpuinfo").read()
         except OSError:
             cpuinfo = ""
-    lines = cpuinfo.splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or platform.machine())
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-    return name, flags
+    fields = {}
+    for line in cpuinfo.splitlines():  # the first processor's lines; every core of one machine is alike
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if fields.get("cpu family") and fields.get("model"):
+        # Virtual machines often name only "Intel(R) Xeon(R) Processor": the model number tells those apart
+        # (two with the same name and flags trained bfloat16 1.6x apart, docs/benchmarks.md).
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name, set(fields.get("flags", "").split())
 
 
 def cpu_description() -> dict:

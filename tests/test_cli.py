@@ -133,14 +133,17 @@ def test_summary_and_card_record_the_machine_the_training_time_was_measured_on(i
     from cifarx.process import ISA_FLAGS, cpu_info
 
     out = tmp_path / "run"
-    assert run("train", "--data", image_folder, "--epochs", 1, "--batch-size", 16, "--val-size", 16, "--out", out).exit_code == 0
+    assert run("train", "--data", image_folder, "--epochs", 1, "--batch-size", 16, "--val-size", 16,
+               "--precision", "bfloat16", "--out", out).exit_code == 0
     machine = json.loads((out / "summary.json").read_text())["machine"]
     name, flags = cpu_info()
     assert machine["cpu"] == name and machine["threads"] == torch.get_num_threads()
     assert machine["isa_flags"] == [flag for flag in ISA_FLAGS if flag in flags]
     assert run("export", out, "-o", tmp_path / "m.onnx", "--card").exit_code == 0
-    assert json.loads((tmp_path / "m.json").read_text())["machine"] == machine
-    assert f" of {name} (" in (tmp_path / "m.md").read_text()
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["machine"] == machine and card["training_precision"] == "bfloat16"
+    trained_on = next(line for line in (tmp_path / "m.md").read_text().splitlines() if line.startswith("| trained on"))
+    assert "wall time, training step in bfloat16, " in trained_on and f" of {name} (" in trained_on
 
 
 def test_a_run_without_validation_split_says_so_instead_of_printing_nan(image_folder, tmp_path):
@@ -154,6 +157,10 @@ def test_cpu_info_reads_the_model_name_and_flags():
 
     text = "processor : 0\nmodel name : Some CPU 9000\nflags : fpu sse avx2 avx512f\n"
     assert cpu_info(text) == ("Some CPU 9000", {"fpu", "sse", "avx2", "avx512f"})
+    two_cores = ("processor\t: 0\ncpu family\t: 6\nmodel\t\t: 167\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+                 "flags\t\t: avx2 amx_tile\n\nprocessor\t: 1\ncpu family\t: 6\nmodel\t\t: 167\n"
+                 "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 amx_tile\n")
+    assert cpu_info(two_cores) == ("Intel(R) Xeon(R) Processor (family 6, model 167)", {"avx2", "amx_tile"})
 
 
 def test_cards_of_transfer_and_semi_supervised_models_say_size_weights_labels_and_method():
