@@ -1,9 +1,10 @@
 """CPU time per image of a --freeze N training step, with and without the cached prefix, and of one prefix pass.
 
-Lite0 (the package's weights) at --img-size, batch 32, one thread, process CPU time (robust to other jobs sharing
-the cores, though not to their cache pressure). Prints one line.
+Lite0 or Lite2 (--model; the packages' weights) at --img-size, batch 32, one thread, process CPU time (robust to other
+jobs sharing the cores, though not to their cache pressure). Prints one line.
 
     nice -n 19 python benchmarks/prefix_step_cost.py --img-size 160 --freeze 2
+    nice -n 19 python benchmarks/prefix_step_cost.py --model lite2 --img-size 160 --freeze 3
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from cifarx.models.transfer import LITE0_PACKAGE, create_timm_classifier
+from cifarx.models.transfer import WEIGHTS_PACKAGES, create_timm_classifier
 from cifarx.prefix_cache import FromPrefix
 
 
@@ -28,14 +29,17 @@ def cpu_ms_per_image(step, batch: int, repeats: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    packages = {package.extra: package for package in WEIGHTS_PACKAGES}
+    parser.add_argument("--model", choices=sorted(packages), default="lite0")
     parser.add_argument("--img-size", type=int, default=160)
     parser.add_argument("--freeze", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = create_timm_classifier("tf_efficientnet_lite0", num_classes=10, img_size=args.img_size,
-                                   weights=LITE0_PACKAGE, freeze=args.freeze).train()
+    package = packages[args.model]
+    model = create_timm_classifier(package.models[0], num_classes=10, img_size=args.img_size,
+                                   weights=package.name, freeze=args.freeze).train()
     images, labels = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-4)
     with torch.no_grad():
@@ -48,7 +52,7 @@ def main() -> None:
         optimizer.step()
 
     print(json.dumps({
-        "img_size": args.img_size, "freeze": args.freeze,
+        "model": args.model, "img_size": args.img_size, "freeze": args.freeze,
         "whole_model_step_ms": cpu_ms_per_image(lambda: step(model, images), args.batch),
         "cached_prefix_step_ms": cpu_ms_per_image(lambda: step(FromPrefix(model), activations), args.batch),
         "prefix_pass_ms": cpu_ms_per_image(lambda: torch.no_grad()(model.forward_prefix)(images), args.batch),

@@ -127,24 +127,29 @@ class RichReporter:
     """A progress bar per epoch and one line of metrics at its end."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
-        self.progress = Progress(
+        self.epoch_progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
             TimeElapsedColumn(), console=console, transient=True,
         )
         self.task = None
+        # One-off passes (a Lite2 prefix cache: ~15 min on 2 cores) get a bar with the time left, no loss.
+        self.pass_progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+        self.pass_tasks = {}
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, loss=float("nan"))
+        self.epoch_progress.start()
+        self.task = self.epoch_progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, loss=float("nan"))
 
     def advance(self, loss: float) -> None:
-        self.progress.update(self.task, advance=1, loss=loss)
+        self.epoch_progress.update(self.task, advance=1, loss=loss)
 
     def end_epoch(self, row: dict) -> None:
-        self.progress.remove_task(self.task)
-        self.progress.stop()
+        self.epoch_progress.remove_task(self.task)
+        self.epoch_progress.stop()
         validation = ("no validation split" if math.isnan(row["val_accuracy"])  # --val-size 0
                       else f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}")
         console.print(
@@ -155,6 +160,16 @@ class RichReporter:
 
     def message(self, text: str) -> None:
         console.print(escape(text), highlight=False)
+
+    def progress(self, description: str, done: int, total: int) -> None:
+        if description not in self.pass_tasks:
+            self.pass_progress.start()
+            self.pass_tasks[description] = self.pass_progress.add_task(description, total=total)
+        self.pass_progress.update(self.pass_tasks[description], completed=done)
+        if done >= total:
+            self.pass_progress.remove_task(self.pass_tasks.pop(description))
+            if not self.pass_tasks:
+                self.pass_progress.stop()
 
 
 @cli.command()

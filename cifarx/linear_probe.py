@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -52,9 +53,10 @@ def feature_cache_key(model: nn.Module, images: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, images: torch.Tensor, device: torch.device,
-                     channels_last: bool = False) -> torch.Tensor:
-    """Pre-classifier features [N,D] (float32, CPU) of uint8 images [N,3,32,32], in batches, model in eval mode."""
+def compute_features(model: nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Pre-classifier features [N,D] (float32, CPU) of uint8 images [N,3,32,32], in batches, model in eval mode;
+    `progress(done, total)` after each batch."""
     model.eval()
     batches = []
     for index in datamod.iterate_batches(len(images), FEATURE_BATCH_SIZE, None, drop_last=False):
@@ -62,15 +64,22 @@ def compute_features(model: nn.Module, images: torch.Tensor, device: torch.devic
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         batches.append(model.features(batch).float().cpu())
+        if progress:
+            progress(int(index[-1]) + 1, len(images))
     return torch.cat(batches)
 
 
 def cached_features(model: nn.Module, images: torch.Tensor, device: torch.device, cache_dir: Path | None = None,
-                    channels_last: bool = False) -> tuple[torch.Tensor, bool]:
+                    channels_last: bool = False, reporter=None) -> tuple[torch.Tensor, bool]:
     """(features, whether they came from the cache) for `images`; computed ones are written to the cache."""
     cache_dir = cache_dir or datamod.default_cache_dir() / "features"
     path = cache_dir / f"features-{feature_cache_key(model, images)}.pt"
-    return load_or_compute(path, lambda: compute_features(model, images, device, channels_last))
+    reporter = reporter or runfolder.SilentReporter()
+
+    def progress(done: int, total: int) -> None:
+        reporter.progress(f"features of {total} images", done, total)
+
+    return load_or_compute(path, lambda: compute_features(model, images, device, channels_last, progress))
 
 
 def _accuracy_and_loss(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -116,8 +125,10 @@ def _fit_head(config: TrainConfig, reporter, model: nn.Module, train_set: datamo
     feature_start = time.perf_counter()
     reporter.message(f"features of {len(train_set) + len(val_set)} images at {model.resize_to}px "
                      "(cached by backbone, weights, size and images)")
-    train_features, train_cached = cached_features(model, train_set.images, device, channels_last=config.channels_last)
-    val_features, val_cached = cached_features(model, val_set.images, device, channels_last=config.channels_last)
+    train_features, train_cached = cached_features(model, train_set.images, device, channels_last=config.channels_last,
+                                                   reporter=reporter)
+    val_features, val_cached = cached_features(model, val_set.images, device, channels_last=config.channels_last,
+                                               reporter=reporter)
     feature_seconds = time.perf_counter() - feature_start
 
     head = model.get_classifier()

@@ -115,9 +115,10 @@ def prefix_shape(model: nn.Module) -> tuple[int, ...]:
 
 @torch.no_grad()
 def compute_prefix(model: nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype, flip: bool,
-                   channels_last: bool = False) -> torch.Tensor:
+                   channels_last: bool = False, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Prefix activations of uint8 images [N,3,32,32], in batches, model in eval mode: [N,2,C,H,W] (plain, flipped)
-    when `flip`, else [N,C,H,W]; in `dtype` on the CPU, written into one preallocated tensor (no second copy)."""
+    when `flip`, else [N,C,H,W]; in `dtype` on the CPU, written into one preallocated tensor (no second copy).
+    `progress(done, total)` is called after each batch (the pass takes minutes on a CPU)."""
     was_training = model.training
     model.eval()
     copies = 2 if flip else 1
@@ -129,6 +130,8 @@ def compute_prefix(model: nn.Module, images: torch.Tensor, device: torch.device,
             if channels_last:
                 version = version.contiguous(memory_format=torch.channels_last)
             out[index, copy] = model.forward_prefix(version).to("cpu", dtype)
+        if progress:
+            progress(int(index[-1]) + 1, len(images))
     model.train(was_training)
     return out if flip else out[:, 0]
 
@@ -206,8 +209,11 @@ class PrefixInputs:
 
         def cached(images: torch.Tensor, flip: bool, nbytes: int) -> tuple[torch.Tensor, bool]:
             path = cache_dir / f"prefix-{prefix_cache_key(model, images, dtype, 2 if flip else 1)}.pt"
+            def progress(done: int, total: int) -> None:
+                reporter.progress(f"prefix activations of {total} images", done, total)
+
             return load_or_compute(path, lambda: compute_prefix(model, images, device, dtype, flip,
-                                                                config.channels_last), nbytes)
+                                                                config.channels_last, progress), nbytes)
 
         train, train_cached = cached(train_set.images, copies == 2, train_bytes)
         val, val_cached = cached(val_set.images, False, total - train_bytes)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cifarx.runfolder import SilentReporter
+
 CLASSES = ["airplane", "automobile", "bird", "cat"]
 
 
@@ -29,6 +31,16 @@ def assert_one_line_error(result, *fragments):
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+class ProgressRecorder(SilentReporter):
+    """A reporter that keeps the progress of one-off passes (prefix activations, features) as (what, done, total)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def progress(self, description, done, total):
+        self.calls.append((description, done, total))
 
 
 def make_image_folder(root: Path, split: str, classes=CLASSES, per_class: int = 24, seed: int = 0, size: int = 32) -> Path:

@@ -238,3 +238,15 @@ def test_resume_trains_the_more_epochs_asked_for(image_folder, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs_run"] == 2 and len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_the_progress_of_a_one_off_pass_shows_until_it_ends_and_then_leaves_the_screen():
+    from cifarx.cli import RichReporter
+
+    reporter = RichReporter()
+    reporter.progress("prefix activations of 80 images", 64, 80)
+    task = reporter.pass_progress.tasks[0]
+    assert (task.description, task.completed, task.total) == ("prefix activations of 80 images", 64, 80)
+    assert reporter.pass_progress.live.is_started
+    reporter.progress("prefix activations of 80 images", 80, 80)
+    assert not reporter.pass_progress.tasks and not reporter.pass_progress.live.is_started

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import assert_one_line_error, run
+from tests.conftest import ProgressRecorder, assert_one_line_error, run
 from cifarx import prefix_cache
 from cifarx.checkpoint import load_model
 from cifarx.config import make_train_config
@@ -202,10 +202,16 @@ def test_prefix_run_resumes_to_the_uninterrupted_result(image_folder, tmp_path, 
                                  val_size=16, lr=3e-3, ema_decay=0.5, cached_features=True, out=str(tmp_path / name),
                                  model_kwargs={"img_size": 48, "freeze": 2, "weights": str(tiny_weights)})
 
-    reference = train(config("ref", 2))
+    computing, loading = ProgressRecorder(), ProgressRecorder()
+    reference = train(config("ref", 2), reporter=computing)
     train(config("cut", 1))
-    resumed = train(resume=tmp_path / "cut", resume_options={"epochs": 2})
+    resumed = train(resume=tmp_path / "cut", resume_options={"epochs": 2}, reporter=loading)
     assert not reference["prefix_from_cache"] and resumed["prefix_from_cache"]  # computed once, then read from disk
+    # The pass that computes reports its progress batch by batch (64 images a batch) up to each split's size; a
+    # pass read from disk reports none.
+    assert computing.calls == [("prefix activations of 80 images", 64, 80), ("prefix activations of 80 images", 80, 80),
+                               ("prefix activations of 16 images", 16, 16)]
+    assert loading.calls == []
     assert resumed["final_val_accuracy"] == reference["final_val_accuracy"]
     ref_state = load_model(tmp_path / "ref" / "last.pt")[0].state_dict()
     for key, value in load_model(tmp_path / "cut" / "last.pt")[0].state_dict().items():

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 
+from tests.conftest import ProgressRecorder
 from cifarx.checkpoint import load_model, read_checkpoint, save_checkpoint
 from cifarx.config import make_train_config
 from cifarx.errors import CifarxError
@@ -145,15 +146,20 @@ def test_cached_features_fit_the_head_and_reuse_the_cache(image_folder, tmp_path
     from cifarx.batches import split_train_val
     from cifarx.train import evaluate, train
 
-    def run(name):
+    def run(name, reporter=None):
         config = make_train_config(model=f"timm/{TINY}", data=str(image_folder), epochs=3, batch_size=16, val_size=16,
                                    out=str(tmp_path / name), lr=1e-2, cached_features=True,
                                    model_kwargs={"img_size": 40, "freeze": "all"})
-        return config, train(config)
+        return config, train(config, reporter=reporter)
 
-    config, first = run("first")
-    _, second = run("second")
+    computing, loading = ProgressRecorder(), ProgressRecorder()
+    config, first = run("first", computing)
+    _, second = run("second", loading)
     assert not first["features_from_cache"] and second["features_from_cache"]
+    # The feature pass reports its progress (64 images a batch) up to each split's size; the cached one none.
+    assert computing.calls == [("features of 80 images", 64, 80), ("features of 80 images", 80, 80),
+                               ("features of 16 images", 16, 16)]
+    assert loading.calls == []
     assert second["best_val_accuracy"] == first["best_val_accuracy"]
     # The checkpoint is the whole model: its own forward pass reproduces the accuracy measured on cached features.
     model, payload = load_model(tmp_path / "first" / "best.pt")
