@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -74,11 +75,7 @@ def cached_features(model: nn.Module, images: torch.Tensor, device: torch.device
     """(features, whether they came from the cache) for `images`; computed ones are written to the cache."""
     cache_dir = cache_dir or datamod.default_cache_dir() / "features"
     path = cache_dir / f"features-{feature_cache_key(model, images)}.pt"
-    reporter = reporter or runfolder.SilentReporter()
-
-    def progress(done: int, total: int) -> None:
-        reporter.progress(f"features of {total} images", done, total)
-
+    progress = functools.partial((reporter or runfolder.SilentReporter()).progress, f"features of {len(images)} images")
     return load_or_compute(path, lambda: compute_features(model, images, device, channels_last, progress))
 
 

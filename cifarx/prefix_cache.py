@@ -25,6 +25,7 @@ are not mirror-symmetric, so the flip of an image's activation is not the activa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import time
@@ -209,9 +210,7 @@ class PrefixInputs:
 
         def cached(images: torch.Tensor, flip: bool, nbytes: int) -> tuple[torch.Tensor, bool]:
             path = cache_dir / f"prefix-{prefix_cache_key(model, images, dtype, 2 if flip else 1)}.pt"
-            def progress(done: int, total: int) -> None:
-                reporter.progress(f"prefix activations of {total} images", done, total)
-
+            progress = functools.partial(reporter.progress, f"prefix activations of {len(images)} images")
             return load_or_compute(path, lambda: compute_prefix(model, images, device, dtype, flip,
                                                                 config.channels_last, progress), nbytes)
 
