@@ -138,7 +138,7 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
         "train_images": summary.get("train_images"),
         "train_seconds": summary.get("train_seconds"),
         "machine": summary.get("machine"),  # where train_seconds was measured
-        "training_precision": summary.get("training_precision"),  # bfloat16 trained 1.8-3x faster on AMX CPUs
+        "training_precision": summary.get("training_precision"),  # bfloat16 trained fast 1.6-3x faster on some CPUs
         "epochs": summary.get("epochs_run", config.get("epochs")),
         "finished": summary.get("finished"),  # False: exported while training (or after it stopped)
         "epochs_planned": config.get("epochs"),

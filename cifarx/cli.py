@@ -205,8 +205,9 @@ class RichReporter:
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model")
 @click.option("--channels-last/--no-channels-last", default=None)
 @click.option("--precision", type=click.Choice(PRECISIONS), help="the training step's forward pass "
-              "(bfloat16: torch.autocast; validation and export stay float32). On CPUs with AMX, bfloat16 trains fast "
-              "1.8-3x faster, EfficientNet slower: benchmarks/train_speed.py measures both")
+              "(bfloat16: torch.autocast; validation and export stay float32). bfloat16 trains fast 1.6-3x faster "
+              "on some CPUs (AMX, some AVX512-BF16), slower on others, EfficientNet slower: benchmarks/train_speed.py "
+              "measures both")
 @click.option("--img-size", type=click.IntRange(8), help="timm/<name>: side the 32x32 images are upsampled to, inside the model")
 @click.option("--freeze", help="timm/<name>: all, none, or the number of trailing backbone stages to train")
 @click.option("--pretrained/--no-pretrained", default=None,

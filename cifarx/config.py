@@ -111,8 +111,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     # bfloat16: the training step's forward pass under torch.autocast (validation, TTA and export stay float32). Whether
-    # it pays depends on CPU and network, so it is chosen, not guessed: with AMX tiles `fast` steps 1.8x faster,
-    # EfficientNet-Lite0 (depthwise convolutions) 0.46x; without AMX it is slower (docs/benchmarks.md)
+    # it pays depends on CPU and network, so it is chosen, not guessed: `fast` steps 1.8-3x faster with AMX tiles, 1.6x
+    # on one AVX512-BF16 CPU without them and slower on another; EfficientNet (depthwise convolutions) 0.46-0.72x
+    # (docs/benchmarks.md)
     precision: str = "float32"
     workers: int = 2  # DataLoader workers, only for per-image torchvision augmentations
     # under torchrun (docs/distributed.md): BatchNorm statistics over the global batch instead of each rank's share,
