@@ -10,6 +10,8 @@ training steps fed by each data path, with the time each path spends waiting for
     python benchmarks/train_speed.py --data ~/cifar10-jpeg --batch-size 512 --steps 12  # images/s against the batch
     python benchmarks/train_speed.py --data ~/cifar10-jpeg --model timm/efficientnet_lite0 --model-arg img_size=128 \\
         --model-arg pretrained=false --batch-size 64 --steps 6     # is bfloat16 faster for this network here?
+    python benchmarks/train_speed.py --data ~/cifar10-jpeg --model timm/efficientnet_lite0 --model-arg img_size=128 \
+        --model-arg pretrained=false --batch-size 64 --steps 6 --set channels_last=false   # against the default (true)
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def main():
     parser.add_argument("--model", help="another network under the preset's recipe, e.g. timm/efficientnet_lite0")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="for the model builder, the value as JSON (img_size=128, pretrained=false)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="any other training setting, as `cifarx train --set` (e.g. channels_last=false)")
     parser.add_argument("--batch-size", type=int, help="override the preset's batch (a CPU's images/s barely depends on it)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision baseline")
@@ -96,7 +100,8 @@ def main():
 
     batch = {"batch_size": args.batch_size} if args.batch_size else {}
     model_args = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.model_arg)}
-    config = make_train_config(args.preset, settings=batch, model_args=model_args, model=args.model, data=args.data,
+    settings = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.settings)}
+    config = make_train_config(args.preset, settings={**settings, **batch}, model_args=model_args, model=args.model, data=args.data,
                                device=args.device, val_size=5000)
     kept = False if args.default_malloc else keep_freed_memory()  # as `cifarx train` does; DataLoader workers inherit it
     device = torch.device(args.device)
@@ -121,7 +126,7 @@ def main():
     images = args.steps * config.batch_size
     result = {
         **machine(), "device": args.device, "model": config.model, "batch_size": config.batch_size,
-        "keep_freed_memory": kept,
+        "keep_freed_memory": kept, "channels_last": config.channels_last,
         "steps": args.steps,
         "step_only_images_per_s": round(images / step_only, 1),
         "step_only_bfloat16_images_per_s": round(images / step_only_bf16, 1),
