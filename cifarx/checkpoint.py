@@ -104,6 +104,31 @@ def load_weights(model: nn.Module, state_dict: dict, path: str | Path, model_nam
         raise CifarxError(f"the weights in {path} do not fit model {model_name!r} ({first})") from None
 
 
+# Builder arguments that change what the same weights compute without changing their shapes (a timm backbone's
+# padding and BatchNorm epsilon, the input normalisation): a run started from a checkpoint must share them.
+FUNCTION_KWARGS = ("timm_kwargs", "mean", "std")
+
+
+def load_initial_weights(model: nn.Module, path: str | Path, model_name: str, model_kwargs: dict,
+                         class_names: list[str]) -> None:
+    """Start a new run from a trained checkpoint's inference weights (timm's --initial-checkpoint): the same network
+    for the same classes, or one line saying why not. Optimiser, schedule and epochs are the new run's own."""
+    path = resolve_checkpoint(path)
+    payload = read_checkpoint(path)
+    saved = payload["model"]
+    if saved["name"] != model_name:
+        raise CifarxError(f"--init-from {path} holds a {saved['name']} model; this run trains {model_name}")
+    differ = [key for key in FUNCTION_KWARGS if saved["kwargs"].get(key) != model_kwargs.get(key)]
+    if differ:
+        key = differ[0]
+        raise CifarxError(f"--init-from {path} was built with {key} {saved['kwargs'].get(key)}, this run with "
+                          f"{model_kwargs.get(key)}: build it the same way (e.g. the same --weights)")
+    if payload["class_names"] != list(class_names):
+        raise CifarxError(f"--init-from {path} was trained on the classes {', '.join(payload['class_names'])}; "
+                          f"this run's data has {', '.join(class_names)}")
+    load_weights(model, payload["state_dict"], path, model_name)
+
+
 def build_model(payload: dict[str, Any], path: str | Path = "the checkpoint") -> nn.Module:
     """Rebuild the model of a checkpoint dict with its inference weights, in eval mode."""
     spec = payload["model"]

@@ -229,6 +229,8 @@ class RichReporter:
 @click.option("--set", "settings", multiple=True, callback=_parse_settings, help="KEY=VALUE for any other training setting")
 @click.option("--out", help="run folder (config, metrics, curves, checkpoints)")
 @click.option("--resume", type=click.Path(), help="continue the interrupted run in this folder")
+@click.option("--init-from", type=click.Path(), help="a new run starting from this checkpoint's weights (a run folder: "
+              "its best.pt), same model and classes, with this run's own settings (timm's --initial-checkpoint)")
 @click.option("--nproc", type=click.IntRange(1), help="train on N processes of this machine (DistributedDataParallel "
               "via torchrun; N GPUs with --device cuda); --batch-size stays the global batch (docs/distributed.md)")
 @click.option("--sync-bn/--no-sync-bn", default=None, help="distributed: BatchNorm statistics over the global batch")
@@ -236,7 +238,7 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
           label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
           seed, patience, device, threads, compile_, channels_last, precision, model_args, settings, out, resume,
           img_size, freeze, freeze_bn, pretrained, weights, backbone_lr_scale, cached_features, progressive_sizes, nproc,
-          sync_bn):
+          sync_bn, init_from):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png.
 
     Precedence: the preset < --set KEY=VALUE < the named options. --resume continues a run with its own settings;
@@ -257,7 +259,7 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
         augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
         labelled=labelled, labelled_per_class=labelled_per_class, unlabelled=unlabelled,
         backbone_lr_scale=backbone_lr_scale, cached_features=cached_features, sync_bn=sync_bn,
-        progressive_sizes=progressive_sizes,
+        progressive_sizes=progressive_sizes, init_from=init_from,
     )
     transfer_args = {k: v for k, v in dict(img_size=img_size, freeze=freeze, freeze_bn=freeze_bn,
                                            pretrained=pretrained, weights=weights).items() if v is not None}

@@ -36,6 +36,9 @@ class TrainConfig:
 
     model: str = "simple-cnn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # a new run from a trained checkpoint's weights (or a run folder's best.pt), e.g. the whole network fine-tuned
+    # after its last stages trained on cached activations; resuming ignores it (last.pt holds the weights)
+    init_from: str | None = None
     objective: str = "supervised"
     objective_kwargs: dict[str, Any] = field(default_factory=dict)
     # data
@@ -156,6 +159,9 @@ class TrainConfig:
             if any(size < 8 for size in sizes) or sizes != sorted(sizes) or self.epochs <= len(sizes):
                 raise CifarxError(f"--progressive-sizes must rise, each >= 8, with fewer sizes than --epochs "
                                   f"(the last part trains at --img-size); got {sizes} for {self.epochs} epochs")
+        if self.init_from and self.cached_features and str(self.model_kwargs.get("freeze")) == "all":
+            raise CifarxError("--init-from starts the training loop from a checkpoint; the linear probe (--freeze all "
+                              "--cached-features) fits a new head without that loop: drop one")
         if {"flip", "alternating-flip"} <= set(self.augment):
             raise CifarxError("give flip (a coin per image and epoch) or alternating-flip (every other epoch), not both")
         from cifarx.registry import list_models, unknown_model_error

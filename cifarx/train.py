@@ -28,7 +28,7 @@ from cifarx import data as datamod
 from cifarx import distributed, self_training
 from cifarx import runfolder
 from cifarx.batches import check_batches, resolve_device, split_train_val, stream_seed, training_batches
-from cifarx.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from cifarx.checkpoint import load_initial_weights, load_weights, read_checkpoint, save_checkpoint
 from cifarx.config import TrainConfig, resumed_config
 from cifarx.errors import CifarxError, TrainingInterrupted
 from cifarx.models.common import TestTimeAugmentation
@@ -258,7 +258,9 @@ def _build_model(config: TrainConfig, payload: dict | None, train_set: datamod.I
     model_kwargs = payload["model"]["kwargs"] if payload is not None else config.model_kwargs
     model = create_model(config.model, num_classes=len(train_set.class_names), **model_kwargs)
     model_kwargs = getattr(model, "rebuild_kwargs", model_kwargs)
-    if payload is None and config.whiten_init and hasattr(model, "init_whitening"):
+    if payload is None and config.init_from:  # trained weights, whitening filters included
+        load_initial_weights(model, config.init_from, config.model, model_kwargs, train_set.class_names)
+    elif payload is None and config.whiten_init and hasattr(model, "init_whitening"):
         model.init_whitening(datamod.to_float(train_set.images[:5000]))
     model.to(device)
     if config.channels_last:

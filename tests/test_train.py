@@ -201,3 +201,43 @@ def test_bfloat16_precision_autocasts_the_training_steps_forward_pass_and_nothin
 def test_unknown_precision_is_one_clear_line(image_folder, tmp_path):
     with pytest.raises(CifarxError, match="unknown precision 'fp8'; choose from float32, bfloat16"):
         train(tiny_config(image_folder, tmp_path / "run", precision="fp8"))
+
+
+def learned_weights(state_dict):
+    """Parameters only: BatchNorm running statistics move in any training step, even at a negligible lr."""
+    return {key: value for key, value in state_dict.items() if "running_" not in key and "num_batches" not in key}
+
+
+def test_init_from_starts_a_new_run_from_the_checkpoints_weights(image_folder, tmp_path):
+    train(tiny_config(image_folder, tmp_path / "first", epochs=2))
+    trained = learned_weights(read_checkpoint(tmp_path / "first" / "best.pt")["state_dict"])
+    # an lr too small to move a float32 weight: the new run's weights are where it started
+    for name, init_from in (("continued", str(tmp_path / "first")), ("fresh", None)):
+        train(tiny_config(image_folder, tmp_path / name, epochs=1, lr=1e-20, init_from=init_from))
+    continued = learned_weights(read_checkpoint(tmp_path / "continued" / "last.pt")["state_dict"])
+    fresh = learned_weights(read_checkpoint(tmp_path / "fresh" / "last.pt")["state_dict"])
+    assert all(torch.allclose(continued[key], trained[key], atol=1e-12) for key in trained)
+    assert not all(torch.allclose(fresh[key], trained[key], atol=1e-3) for key in trained)
+
+
+def test_init_from_refuses_another_network_or_other_classes_in_one_line(image_folder, tmp_path):
+    from tests.conftest import make_image_folder
+
+    train(tiny_config(image_folder, tmp_path / "first", epochs=1))
+    with pytest.raises(CifarxError, match="holds a simple-cnn model; this run trains simple-cnn-plain"):
+        train(tiny_config(image_folder, tmp_path / "plain", model="simple-cnn-plain", init_from=str(tmp_path / "first")))
+    other = make_image_folder(tmp_path / "other", "train", classes=["cat", "dog", "frog", "ship"])
+    with pytest.raises(CifarxError, match="trained on the classes airplane, automobile, bird, cat; this run's data"):
+        train(tiny_config(other, tmp_path / "other-run", init_from=str(tmp_path / "first")))
+    with pytest.raises(CifarxError, match="no checkpoint"):
+        train(tiny_config(image_folder, tmp_path / "none", init_from=str(tmp_path)))
+    with pytest.raises(CifarxError, match="the linear probe .* fits a new head without that loop"):
+        make_train_config(model="timm/efficientnet_lite0", model_kwargs={"freeze": "all"}, cached_features=True,
+                          init_from=str(tmp_path / "first"), data=str(image_folder))
+    from cifarx.checkpoint import load_initial_weights
+    from cifarx.registry import create_model
+
+    # same shapes, another function: a timm backbone built without the weights package's padding and epsilon
+    with pytest.raises(CifarxError, match="was built with timm_kwargs None, this run with .*the same --weights"):
+        load_initial_weights(create_model("simple-cnn", num_classes=4), tmp_path / "first", "simple-cnn",
+                             {"timm_kwargs": {"pad_type": "same"}}, ["airplane", "automobile", "bird", "cat"])
