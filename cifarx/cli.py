@@ -647,4 +647,11 @@ def models(pattern, timm_pattern):
 
 
 def main() -> None:
-    cli()
+    from cifarx.process import end_process
+
+    try:
+        cli()
+    except SystemExit as end:  # CifarxGroup always ends so, with an exit code
+        if not isinstance(end.code, int):
+            raise
+        end_process(end.code)

@@ -227,3 +227,17 @@ def test_nproc_runs_torchrun_with_the_same_options_as_an_argument_list(monkeypat
     assert command == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                        "cifarx", "train", "--data", str(image_folder), "--epochs", "1", "--out", str(tmp_path / "run")]
     assert not (tmp_path / "run").exists()  # the launcher trains nothing itself
+
+
+@pytest.mark.parametrize("arguments, code", [(["--help"], 0), (["train", "--epochs", "0"], 2)])
+def test_a_rank_ends_without_interpreter_finalization_keeping_its_output_and_exit_code(arguments, code):
+    # gloo's worker threads may still free the last collective's tensors when a rank exits; during finalization
+    # that aborts the process (cifarx.process.end_process). An atexit handler shows whether finalization ran.
+    script = ("import atexit, sys; atexit.register(print, 'finalized'); from cifarx.cli import main; "
+              f"sys.argv = ['cifarx', *{arguments!r}]; main()")
+    for world_size, finalized in (("2", False), ("1", True)):
+        ended = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, WORLD_SIZE=world_size, RANK="1"))
+        assert ended.returncode == code, ended.stderr
+        assert ("finalized" in ended.stdout) == finalized
+        assert ("Usage:" in ended.stdout) if code == 0 else ended.stderr.startswith("error: ")
