@@ -261,13 +261,20 @@ def list_presets() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """A preset's settings as a dict (TOML file `cifarx/presets/NAME.toml`)."""
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's settings as a dict (TOML file `cifarx/presets/NAME.toml`). A preset that says `extends = "BASE"`
+    is BASE's settings with its own on top (a variant states only what it changes; a table such as model_kwargs
+    is replaced whole, not merged)."""
     path = resources.files("cifarx.presets") / f"{name}.toml"
     if not path.is_file():
         raise CifarxError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    if name in _seen:
+        raise CifarxError(f"preset {name!r} extends itself through {' -> '.join(_seen)}")
     values = tomllib.loads(path.read_text())
     values.pop("description", None)
+    base = values.pop("extends", None)
+    if base is not None:
+        values = {**load_preset(base, (*_seen, name)), **values}
     values["preset"] = name
     return values
 

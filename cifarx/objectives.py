@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from cifarx.data import random_colour_affine, random_crop_flip_cutout
 from cifarx.errors import CifarxError
+from cifarx.models.ensemble import Ensemble
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict]
 _OBJECTIVES: dict[str, Callable[..., Objective]] = {}
@@ -50,6 +51,21 @@ def supervised(label_smoothing: float = 0.0) -> Objective:
     def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
         logits = model(images)
         return {"loss": F.cross_entropy(logits, labels, label_smoothing=label_smoothing), "logits": logits}
+
+    return objective
+
+
+@register_objective("ensemble")
+def ensemble(label_smoothing: float = 0.0) -> Objective:
+    """Cross-entropy on each member's logits of an `ensemble` model, summed: the members share no parameter, so each
+    gets the gradient (and, at the same lr, the step) it would get training alone. The logits reported are the mean."""
+
+    def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        if not isinstance(getattr(model, "module", model), Ensemble):  # `module`: under DistributedDataParallel
+            raise CifarxError("objective ensemble trains an ensemble model (--model ensemble)")
+        member_logits = model(images, members=True)
+        losses = [F.cross_entropy(logits, labels, label_smoothing=label_smoothing) for logits in member_logits]
+        return {"loss": torch.stack(losses).sum(), "logits": member_logits.mean(0)}
 
     return objective
 

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from cifarx.cli import cli
 from cifarx.config import list_presets, load_preset, make_train_config
+from cifarx.errors import CifarxError
 
 REPORT_PRESETS = ["tp3-simple-cnn", "tp3-simple-cnn-plain", "tp3-simple-cnn-fast", "qmul-blocknet-small",
                   "qmul-blocknet", "blocknet-fast", "cityu-vgg16", "shake-shake-26-2x64d"]
@@ -22,6 +23,17 @@ def test_every_preset_is_a_valid_described_recipe(name):
     assert tomllib.loads(text).get("description", "").strip(), "each preset says what it reproduces"
     config = make_train_config(name)  # validates: known keys, optimiser, schedule, augmentations, model
     assert config.preset == name
+
+
+def test_a_preset_extends_its_base_with_only_what_it_changes(tmp_path, monkeypatch):
+    fast, variant = load_preset("fast"), load_preset("fast-ensemble")
+    assert variant == {**fast, "model": "ensemble", "model_kwargs": {"member": "fast", "size": 2},
+                       "objective": "ensemble", "preset": "fast-ensemble"}
+    (tmp_path / "a.toml").write_text('extends = "b"\nepochs = 1\n')
+    (tmp_path / "b.toml").write_text('extends = "a"\n')
+    monkeypatch.setattr("cifarx.config.resources.files", lambda package: tmp_path)
+    with pytest.raises(CifarxError, match="extends itself through a -> b"):
+        load_preset("a")
 
 
 def test_report_presets_are_shipped():

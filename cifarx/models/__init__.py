@@ -5,3 +5,4 @@ from cifarx.models import vae  # noqa: F401
 from cifarx.models import blocknet  # noqa: F401
 from cifarx.models import vgg  # noqa: F401
 from cifarx.models import shake_shake  # noqa: F401
+from cifarx.models import ensemble  # noqa: F401

@@ -1,0 +1,46 @@
+"""Each member of an `ensemble` run alone and together, on the run's own validation split: how much the mean of
+the members adds, and how often two members disagree (docs/benchmarks.md, issue 18).
+
+    python benchmarks/ensemble_members.py runs/fast-ensemble-seed1 --threads 2
+
+Reads RUN/best.pt and RUN/config.json (the data folder and split it was trained with); no TTA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from cifarx import data as datamod
+from cifarx.batches import split_train_val
+from cifarx.checkpoint import load_model
+from cifarx.config import TrainConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = TrainConfig.from_dict(json.loads((args.run / "config.json").read_text()))
+    _, val_set = split_train_val(config)
+    model, _ = load_model(args.run / "best.pt")
+    images = datamod.to_float(val_set.images)
+    with torch.no_grad():
+        logits = torch.cat([model.eval()(batch, members=True) for batch in images.split(1000)], 1)
+    predictions, labels = logits.argmax(-1), val_set.labels
+    result = {"run": str(args.run), "val_images": len(labels),
+              "members": [round((p == labels).float().mean().item(), 4) for p in predictions],
+              "ensemble": round((logits.mean(0).argmax(-1) == labels).float().mean().item(), 4),
+              "disagreement": {f"{a}/{b}": round((predictions[a] != predictions[b]).float().mean().item(), 4)
+                               for a, b in itertools.combinations(range(len(predictions)), 2)}}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
