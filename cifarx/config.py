@@ -211,6 +211,9 @@ class TrainConfig:
         elif self.unlabelled and self.objective == "supervised" and not self.pseudo_labels:
             raise CifarxError("the supervised objective cannot learn from unlabelled images; use --method m1 or m2, "
                               "or --unlabelled 0")
+        if (self.model == "ensemble") != (self.objective == "ensemble"):
+            raise CifarxError("an ensemble trains each member on its own loss: give --model ensemble with "
+                              "--set objective=ensemble (or --preset fast-ensemble), and that objective only to an ensemble")
         if self.labelled_fraction is not None and not 0 < self.labelled_fraction < 1:
             raise CifarxError(f"labelled_fraction must be in (0, 1), got {self.labelled_fraction}")
 

@@ -18,13 +18,13 @@ def test_each_member_gets_the_gradient_it_would_get_training_alone():
     out = make_objective("ensemble", label_smoothing=0.2)(model, images, labels)
     out["loss"].backward()
     for member in model.members:
-        alone = [p.clone() for p in member.parameters() if p.requires_grad]
-        together = [p.grad.clone() for p in member.parameters() if p.requires_grad]
+        trainable = [p for p in member.parameters() if p.requires_grad]
+        together = [p.grad.clone() for p in trainable]
         member.zero_grad()
         F.cross_entropy(member(images), labels, label_smoothing=0.2).backward()
-        for own, joint in zip((p.grad for p in member.parameters() if p.requires_grad), together):
-            torch.testing.assert_close(joint, own)
-        assert alone  # the member has trainable parameters
+        assert len(trainable) > 1
+        for parameter, joint in zip(trainable, together):
+            torch.testing.assert_close(joint, parameter.grad)
     assert out["logits"].shape == (6, 10)
 
 
@@ -42,12 +42,21 @@ def test_members_start_different_and_the_ensemble_answers_with_their_mean_logits
 def test_an_ensemble_refuses_to_train_on_the_loss_of_its_mean_and_a_single_model_refuses_the_ensemble_objective():
     model = create_model("ensemble", member="fast", size=2, member_kwargs=TINY_FAST).train()
     images, labels = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
-    with pytest.raises(CifarxError, match="--objective ensemble"):
+    with pytest.raises(CifarxError, match="objective=ensemble"):
         make_objective("supervised")(model, images, labels)
     with pytest.raises(CifarxError, match="--model ensemble"):
         make_objective("ensemble")(create_model("fast", **TINY_FAST), images, labels)
     with pytest.raises(CifarxError, match="size >= 2"):
         create_model("ensemble", size=1)
+
+
+def test_a_config_pairs_the_ensemble_model_with_its_objective_before_anything_runs():
+    from cifarx.config import make_train_config
+
+    with pytest.raises(CifarxError, match="objective=ensemble"):
+        make_train_config(preset="fast", model="ensemble")
+    with pytest.raises(CifarxError, match="only to an ensemble"):
+        make_train_config(preset="fast", objective="ensemble")
 
 
 def test_an_ensemble_run_trains_and_exports_with_parity(image_folder, tmp_path):

@@ -34,7 +34,7 @@ class Ensemble(nn.Module):
         if members:
             return torch.stack([member(x) for member in self.members])
         if self.training:  # the loss of the mean would couple the members; see the module docstring
-            raise CifarxError("an ensemble trains each member on its own loss: use --objective ensemble")
+            raise CifarxError("an ensemble trains each member on its own loss: use --set objective=ensemble")
         return torch.stack([member(x) for member in self.members]).mean(0)
 
 
