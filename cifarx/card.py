@@ -85,7 +85,11 @@ FAMILY_FIELDS = ("img_size", "weights", "freeze", "labelled", "unlabelled", "met
 
 def family_fields(model_kwargs: dict, config: dict) -> dict:
     """What a reader of a transfer-learning or semi-supervised card needs first: input size and weights' origin,
-    or the label budget and the method."""
+    or the label budget and the method; for an ensemble (`cifarx combine`), each member's in order."""
+    if "members" in model_kwargs:
+        per_member = [family_fields(spec["kwargs"], config) for spec in model_kwargs["members"]]
+        return {name: [fields.get(name) for fields in per_member] for name in FAMILY_FIELDS
+                if any(name in fields for fields in per_member)}
     fields = {}
     if "img_size" in model_kwargs:
         fields["img_size"] = model_kwargs["img_size"]
@@ -150,6 +154,7 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
         "tta_in_graph": export_report.get("tta", "none"),
         "parity": {k: export_report[k] for k in ("images", "top1_agreement", "max_abs_logit_delta")},
         "opset": export_report["opset"],
+        "members": summary.get("members"),  # an ensemble's: each run, its command, time and validation figures
         **family_fields(payload["model"]["kwargs"], config),
     }
     base = onnx_path.with_suffix("")
@@ -168,6 +173,19 @@ def _machine_text(machine: dict | None) -> str:
 
 def _precision_text(precision: str | None) -> str:
     return f", training step in {precision}" if precision else ""  # runs from before summaries recorded it: nothing
+
+
+def _members_text(members: list | None) -> list[str]:
+    if not members:
+        return []
+    lines = ["Members (the training time above is theirs, summed):", ""]
+    for member in members:
+        tta = next((v for k, v in member.items() if k.startswith("best_val_accuracy_tta")), None)
+        accuracy = f"{member['best_val_accuracy']:.2%}" + (f" ({tta:.2%} with TTA)" if tta is not None else "") \
+            if member.get("best_val_accuracy") is not None else "not measured"
+        lines += [f"- `{member['model']}`: validation {accuracy}, {member.get('train_seconds')} s"
+                  f"{_machine_text(member.get('machine'))}: `{member['command']}`"]
+    return lines + [""]
 
 
 def _markdown(card: dict) -> str:
@@ -198,6 +216,7 @@ def _markdown(card: dict) -> str:
         f"| size / sha256 | {card['bytes'] / 1e6:.2f} MB / `{card['sha256'][:16]}…` |",
         "",
         *([f"Note: {card['note']}", ""] if card["note"] else []),
+        *_members_text(card.get("members")),
         "Made by:",
         "",
         "```bash",

@@ -328,6 +328,31 @@ def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images,
     )
 
 
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="run folder to write (best.pt and summary.json)")
+@click.option("--data", help="the images the runs were validated on (default: the first run's own --data)")
+@click.option("--data-root")
+@click.option("--tta", type=click.Choice(["none", "flip", "flip-translate"]),
+              help="also measure validation with this test-time augmentation (default: the first run's)")
+@click.option("--threads", type=int, help="torch intra-op threads for the validation pass")
+def combine(runs, out, data, data_root, tta, threads):
+    """Combine trained runs (same classes and validation split) into one ensemble checkpoint answering with their
+    mean logits; measures it on the validation split. `cifarx export OUT` then ships it as one file."""
+    import torch
+
+    from cifarx.combine import combine_runs
+
+    if threads:
+        torch.set_num_threads(threads)
+    summary = combine_runs(list(runs), out, data=data, data_root=data_root, tta=tta,
+                           command=click.get_current_context().obj["command"])
+    figures = ", ".join(f"{key.replace('best_val_accuracy', 'validation')} {value:.2%}" for key, value in summary.items()
+                        if key.startswith("best_val_accuracy"))
+    console.print(f"wrote {escape(out)}: {len(runs)} members, {figures} on {summary['val_images']} images; "
+                  f"training time {summary['train_seconds']} s summed over the members", highlight=False)
+
+
 # ---------------------------------------------------------------------------------------------- eval
 
 

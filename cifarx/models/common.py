@@ -31,9 +31,9 @@ def preprocessing_of(model: nn.Module) -> dict:
             info["mean"] = [round(v, 6) for v in module.mean.flatten().tolist()]
             info["std"] = [round(v, 6) for v in module.std.flatten().tolist()]
             break
-    size = getattr(model, "resize_to", None)
-    if size:
-        info["resize_to"] = size
+    sizes = sorted({module.resize_to for module in model.modules() if getattr(module, "resize_to", None)})
+    if sizes:  # an ensemble's members may each resize to their own size
+        info["resize_to"] = sizes[0] if len(sizes) == 1 else ",".join(map(str, sizes))
     return info
 
 

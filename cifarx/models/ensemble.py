@@ -29,20 +29,27 @@ class Ensemble(nn.Module):
             if hasattr(member, "init_whitening"):
                 member.init_whitening(images)
 
+    # Trained on the loss of its mean logits the members would co-adapt (module docstring): the config pairs this
+    # model with objective `ensemble` (cifarx/config.py), and tests/test_models.py trains it with that objective.
+    default_objective = "ensemble"
+
     def forward(self, x: torch.Tensor, members: bool = False) -> torch.Tensor:
         """The members' mean logits; with `members=True` each member's, stacked [K, B, classes], for training."""
-        if members:
-            return torch.stack([member(x) for member in self.members])
-        if self.training:  # the loss of the mean would couple the members; see the module docstring
-            raise CifarxError("an ensemble trains each member on its own loss: use --set objective=ensemble")
-        return torch.stack([member(x) for member in self.members]).mean(0)
+        logits = torch.stack([member(x) for member in self.members])
+        return logits if members else logits.mean(0)
 
 
 @register_model("ensemble")
-def ensemble(num_classes: int = 10, member: str = "fast", size: int = 2, member_kwargs: dict | None = None) -> nn.Module:
-    """`size` independently initialised `member` models (each built with `member_kwargs`), mean logits."""
-    if not isinstance(size, int) or size < 2:
-        raise CifarxError(f"an ensemble needs size >= 2 members, got {size!r}")
-    if member == "ensemble":
+def ensemble(num_classes: int = 10, member: str = "fast", size: int = 2, member_kwargs: dict | None = None,
+             members: list[dict] | None = None) -> nn.Module:
+    """`size` independently initialised `member` models (each built with `member_kwargs`), mean logits; or, with
+    `members` ([{"model": name, "kwargs": {...}}, ...], as `cifarx combine` writes), those models, which may differ."""
+    if members is None:
+        if not isinstance(size, int) or size < 2:
+            raise CifarxError(f"an ensemble needs size >= 2 members, got {size!r}")
+        members = [{"model": member, "kwargs": member_kwargs or {}}] * size
+    if len(members) < 2:
+        raise CifarxError(f"an ensemble needs 2 or more members, got {len(members)}")
+    if any(spec.get("model") == "ensemble" for spec in members):
         raise CifarxError("an ensemble's member cannot itself be an ensemble")
-    return Ensemble([create_model(member, num_classes=num_classes, **(member_kwargs or {})) for _ in range(size)])
+    return Ensemble([create_model(spec["model"], num_classes=num_classes, **spec.get("kwargs", {})) for spec in members])

@@ -1,0 +1,77 @@
+"""What averaging shipped models would give: each ONNX file alone and their mean class probabilities, on the
+validation split the files record (they must record the same one), and the pairwise disagreement.
+
+    python benchmarks/onnx_ensemble.py exported/efficientnet-lite0.onnx exported/efficientnet-lite2.onnx \
+        --data ~/cifar10-jpeg --threads 2 --out benchmarks/results/transfer-ensemble.json
+
+A reading for a recipe that trains both members: it costs the sum of their training and inference. The mean of
+the probabilities and the mean of the logits are both reported: members trained apart need not share a logit scale,
+and the `ensemble` model (`cifarx combine`, which ships the members as one file) averages logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
+
+from cifarx.evaluate import load_eval_images, predict_logits
+from cifarx.io import atomic_write_json
+from cifarx.onnxfile import create_session, model_info, recorded_val_split
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if len(args.models) < 2:
+        sys.exit("give two or more ONNX files")
+    sessions = {path: create_session(path, threads=args.threads) for path in args.models}
+    infos = {path: model_info(session) for path, session in sessions.items()}
+    splits = {path: recorded_val_split(info) for path, info in infos.items()}
+    if len({(s["val_size"], s["seed"]) for s in splits.values()}) != 1 or not splits[args.models[0]]["val_size"]:
+        sys.exit(f"the files must record one and the same validation split, got {splits}")
+    images = load_eval_images(args.data, "val", infos[args.models[0]])
+    logits, seconds = {}, {}
+    for path in args.models:
+        start = time.perf_counter()
+        logits[path] = predict_logits(sessions[path], infos[path], images.images.numpy())
+        seconds[path] = round(time.perf_counter() - start, 1)
+    probabilities = {path: softmax(values) for path, values in logits.items()}
+    labels = images.labels.numpy()
+    predictions = {path: p.argmax(1) for path, p in probabilities.items()}
+    result = {
+        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        **cpu_flags(), "threads": args.threads, "val_images": len(labels), "val_split": splits[args.models[0]],
+        "members": [{"file": str(path), "val_accuracy": float((predictions[path] == labels).mean()),
+                     "seconds_for_the_split": seconds[path]} for path in args.models],
+        "disagreement": {f"{a.name} / {b.name}": float((predictions[a] != predictions[b]).mean())
+                         for a, b in itertools.combinations(args.models, 2)},
+        "ensemble_val_accuracy": float((np.mean(list(probabilities.values()), 0).argmax(1) == labels).mean()),
+        "ensemble_val_accuracy_mean_logits": float((np.mean(list(logits.values()), 0).argmax(1) == labels).mean()),
+    }
+    if args.out:
+        atomic_write_json(args.out, result)
+    for member in result["members"]:
+        print(f"{member['file']}: {member['val_accuracy']:.2%} ({member['seconds_for_the_split']} s)")
+    print(f"mean probabilities: {result['ensemble_val_accuracy']:.2%}, mean logits: "
+          f"{result['ensemble_val_accuracy_mean_logits']:.2%}; disagreement {result['disagreement']}")
+
+
+if __name__ == "__main__":
+    main()

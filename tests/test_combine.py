@@ -1,0 +1,63 @@
+"""`cifarx combine`: runs trained apart, with their own models and recipes, become one ensemble checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run
+
+
+def _train(image_folder, out, *args):
+    result = run("train", "--data", image_folder, "--epochs", 1, "--batch-size", 16, "--val-size", 16, "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def two_runs(image_folder, tmp_path):
+    """A small CNN and a timm network upsampling to 40 px: different models, sizes and recipes, one split."""
+    return [_train(image_folder, tmp_path / "cnn", "--model", "simple-cnn", "--tta", "flip"),
+            _train(image_folder, tmp_path / "timm", "--model", "timm/test_efficientnet", "--img-size", 40,
+                   "--no-pretrained", "--lr", 0.01)]
+
+
+def test_combined_runs_answer_with_their_mean_logits_and_ship_as_one_file_with_a_card(two_runs, image_folder, tmp_path):
+    from cifarx.checkpoint import load_model
+
+    out = tmp_path / "both"
+    result = run("combine", *two_runs, "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    members = [json.loads((r / "summary.json").read_text()) for r in two_runs]
+    assert summary["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in members), abs=0.2)
+    assert summary["val_images"] == 16 and 0 <= summary["best_val_accuracy_tta_flip"] <= 1
+    assert [m["run"] for m in summary["members"]] == [str(r) for r in two_runs]
+
+    ensemble, payload = load_model(out)
+    images = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.stack([load_model(r)[0](images) for r in two_runs]).mean(0)
+        torch.testing.assert_close(ensemble(images), expected)
+    assert payload["model"]["kwargs"]["members"][1]["kwargs"]["img_size"] == 40
+
+    result = run("export", out, "-o", tmp_path / "both.onnx", "--tta", "flip", "--card")
+    assert result.exit_code == 0, result.output
+    card = json.loads((tmp_path / "both.json").read_text())
+    assert card["command"].startswith("cifarx combine") and card["parity"]["top1_agreement"] == 1.0
+    assert card["img_size"] == [None, 40] and len(card["members"]) == 2
+    assert card["val_accuracy"]["mean"] == summary["best_val_accuracy_tta_flip"]
+    markdown = (tmp_path / "both.md").read_text()
+    assert "Members" in markdown and markdown.count("cifarx train") == 2
+    import onnx
+
+    metadata = {prop.key: prop.value for prop in onnx.load(str(tmp_path / "both.onnx")).metadata_props}
+    assert metadata["resize_to"] == "40" and json.loads(metadata["members"])[1]["img_size"] == 40
+
+
+def test_combine_refuses_runs_validated_on_other_images_a_single_run_and_a_used_folder(two_runs, image_folder, tmp_path):
+    other_split = _train(image_folder, tmp_path / "seed1", "--model", "simple-cnn", "--seed", 1)
+    assert_one_line_error(run("combine", two_runs[0], other_split, "--out", tmp_path / "x"), "seed", "validated")
+    assert_one_line_error(run("combine", two_runs[0], "--out", tmp_path / "x"), "two or more runs")
+    assert_one_line_error(run("combine", *two_runs, "--out", two_runs[0]), "already holds a run")
+    assert not (tmp_path / "x").exists()
