@@ -25,7 +25,7 @@ from cifarx.registry import create_model
 from cifarx.runfolder import check_new_run_folder, run_record
 from cifarx.train import evaluate
 
-MEMBER_FIGURES = ("train_seconds", "epochs_run", "best_val_accuracy", "machine", "training_precision")
+MEMBER_FIGURES = ("train_seconds", "epochs_run", "train_images", "best_val_accuracy", "machine", "training_precision")
 
 
 def _split(payload: dict) -> tuple:
@@ -85,14 +85,13 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
     val_set = full.subset(validation_split(full.labels, val_size, seed, data)[1])
     tta = tta or reference["config"].get("tta") or "none"
     device = torch.device("cpu")
+    records = [_member_record(path, payload) for path, payload in zip(checkpoints, payloads)]
     accuracy = evaluate(model, val_set, batch_size, device)["accuracy"]
-    summary = {"model": "ensemble", "preset": None,
-               "epochs_run": "+".join(str(p["config"].get("epochs")) for p in payloads),
-               "train_images": len(full) - val_size, "final_val_accuracy": accuracy, "best_val_accuracy": accuracy,
-               "val_images": len(val_set), "seed": seed}
+    summary = {"model": "ensemble", "preset": None, "epochs_run": "+".join(str(r.get("epochs_run")) for r in records),
+               "train_images": records[0].get("train_images"), "final_val_accuracy": accuracy,
+               "best_val_accuracy": accuracy, "val_images": len(val_set), "seed": seed}
     if tta != "none":
         summary[f"best_val_accuracy_tta_{tta}"] = evaluate(model, val_set, batch_size, device, tta=tta)["accuracy"]
-    records = [_member_record(path, payload) for path, payload in zip(checkpoints, payloads)]
     times = [record.get("train_seconds") for record in records]
     # the members' training times add up; each was measured on its own machine (in `members`)
     summary["train_seconds"] = round(sum(times), 1) if None not in times else None
