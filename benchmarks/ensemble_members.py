@@ -2,8 +2,9 @@
 the members adds, and how often two members disagree (docs/benchmarks.md, issue 18).
 
     python benchmarks/ensemble_members.py runs/fast-ensemble-seed1 --threads 2
+    python benchmarks/ensemble_members.py runs/lite-pair --data DIR   # made by `cifarx combine`
 
-Reads RUN/best.pt and RUN/config.json (the data folder and split it was trained with); no TTA.
+Reads RUN/best.pt (the model, and the data folder and split it was validated on; --data if the images moved); no TTA.
 """
 
 from __future__ import annotations
@@ -16,23 +17,25 @@ from pathlib import Path
 import torch
 
 from cifarx import data as datamod
-from cifarx.batches import split_train_val
+from cifarx.batches import validation_split
 from cifarx.checkpoint import load_model
-from cifarx.config import TrainConfig
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
+    parser.add_argument("--data", help="the image folder (default: the one the run recorded)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = TrainConfig.from_dict(json.loads((args.run / "config.json").read_text()))
-    _, val_set = split_train_val(config)
-    model, _ = load_model(args.run / "best.pt")
+    model, payload = load_model(args.run / "best.pt")
+    config = payload["config"]
+    data = args.data or config["data"]
+    full = datamod.load_split(data, "train", config.get("data_root"))
+    val_set = full.subset(validation_split(full.labels, config["val_size"], config["seed"], data)[1])
     images = datamod.to_float(val_set.images)
     with torch.no_grad():
-        logits = torch.cat([model.eval()(batch, members=True) for batch in images.split(1000)], 1)
+        logits = torch.cat([model.eval()(batch, members=True) for batch in images.split(200)], 1)
     predictions, labels = logits.argmax(-1), val_set.labels
     result = {"run": str(args.run), "val_images": len(labels),
               "members": [round((p == labels).float().mean().item(), 4) for p in predictions],
