@@ -55,7 +55,8 @@ def portable_command(command: str, cwd: Path | None = None) -> str:
             path = Path(value)
             if path.is_relative_to(cwd):
                 words[i] = str(path.relative_to(cwd))
-            elif option in RUN_OPTIONS or (words[1] == "export" and i == 2):
+            elif option in RUN_OPTIONS or (words[1] == "export" and i == 2) or (
+                    words[1] == "combine" and not option.startswith("-")):  # combine's run folders
                 words[i] = f"runs/{path.name}"
             else:
                 words[i] = path.name
