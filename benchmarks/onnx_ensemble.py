@@ -60,7 +60,7 @@ def main() -> None:
         **cpu_flags(), "threads": args.threads, "val_images": len(labels), "val_split": splits[args.models[0]],
         "members": [{"file": str(path), "val_accuracy": float((predictions[path] == labels).mean()),
                      "seconds_for_the_split": seconds[path]} for path in args.models],
-        "disagreement": {f"{a.name} / {b.name}": float((predictions[a] != predictions[b]).mean())
+        "disagreement": {f"{a} / {b}": float((predictions[a] != predictions[b]).mean())
                          for a, b in itertools.combinations(args.models, 2)},
         "ensemble_val_accuracy": float((np.mean(list(probabilities.values()), 0).argmax(1) == labels).mean()),
         "ensemble_val_accuracy_mean_logits": float((np.mean(list(logits.values()), 0).argmax(1) == labels).mean()),
