@@ -40,6 +40,15 @@ def test_combined_runs_answer_with_their_mean_logits_and_ship_as_one_file_with_a
         expected = torch.stack([load_model(r)[0](images) for r in two_runs]).mean(0)
         torch.testing.assert_close(ensemble(images), expected)
     assert payload["model"]["kwargs"]["members"][1]["kwargs"]["img_size"] == 40
+    from cifarx import data as datamod
+    from cifarx.batches import validation_split
+
+    full = datamod.load_split(str(image_folder), "train")  # the members' split: 16 images held out with seed 0
+    val = full.subset(validation_split(full.labels, 16, 0, str(image_folder))[1])
+    with torch.no_grad():
+        views = datamod.to_float(val.images)
+        logits = (ensemble(views) + ensemble(views.flip(3))) / 2
+    assert summary["best_val_accuracy_tta_flip"] == pytest.approx((logits.argmax(1) == val.labels).float().mean().item())
 
     result = run("export", out, "-o", tmp_path / "both.onnx", "--tta", "flip", "--card")
     assert result.exit_code == 0, result.output
