@@ -86,12 +86,15 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
     tta = tta or reference["config"].get("tta") or "none"
     device = torch.device("cpu")
     records = [_member_record(path, payload) for path, payload in zip(checkpoints, payloads)]
-    accuracy = evaluate(model, val_set, batch_size, device)["accuracy"]
+    # channels_last: 1.8x faster for EfficientNet-Lite2 at 160 px in eager mode (machine D, 2 threads)
+    figures = evaluate(model.to(memory_format=torch.channels_last), val_set, batch_size, device, tta=tta,
+                       channels_last=True)
+    accuracy = figures["plain_accuracy"]
     summary = {"model": "ensemble", "preset": None, "epochs_run": "+".join(str(r.get("epochs_run")) for r in records),
                "train_images": records[0].get("train_images"), "final_val_accuracy": accuracy,
                "best_val_accuracy": accuracy, "val_images": len(val_set), "seed": seed}
     if tta != "none":
-        summary[f"best_val_accuracy_tta_{tta}"] = evaluate(model, val_set, batch_size, device, tta=tta)["accuracy"]
+        summary[f"best_val_accuracy_tta_{tta}"] = figures["accuracy"]
     times = [record.get("train_seconds") for record in records]
     # the members' training times add up; each was measured on its own machine (in `members`)
     summary["train_seconds"] = round(sum(times), 1) if None not in times else None
@@ -102,7 +105,7 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
     members_metadata = [{"model": p["model"]["name"], **(p["model"].get("export_metadata") or {})} for p in payloads]
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "best.pt", model_name="ensemble", model_kwargs={"members": members}, class_names=class_names,
-                    state_dict=model.state_dict(), config=config,
+                    state_dict=state, config=config,
                     metrics={"val_accuracy": accuracy, **{k: v for k, v in summary.items() if k.startswith("best_val_accuracy_tta")}},
                     export_metadata={"members": json.dumps(members_metadata)})
     atomic_write_json(out / "summary.json", summary)

@@ -356,26 +356,29 @@ def summarize(run_dir: Path, config: TrainConfig, state: RunState, val_set: data
 @torch.no_grad()
 def evaluate(model: nn.Module, image_set: datamod.ImageSet, batch_size: int, device: torch.device,
              tta: str = "none", channels_last: bool = False) -> dict:
-    """Mean cross-entropy and top-1 accuracy of `model` on `image_set` (optionally with TTA).
+    """Mean cross-entropy and top-1 accuracy of `model` on `image_set` (optionally with TTA; then also
+    `plain_accuracy`, the accuracy without it, from the same forward passes).
 
     `image_set.images` are uint8 images, or float cached prefix activations for a `PrefixInputs.view` model."""
     if len(image_set) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan")}
+        return {"loss": float("nan"), "accuracy": float("nan"), "plain_accuracy": float("nan")}
     was_training = model.training
     model.eval()
-    net = TestTimeAugmentation(model, tta) if tta != "none" else model
-    loss_sum, correct = 0.0, 0
+    augmented = TestTimeAugmentation(model, tta) if tta != "none" else None
+    loss_sum, correct, plain_correct = 0.0, 0, 0
     for index in datamod.iterate_batches(len(image_set), batch_size, None, drop_last=False):
         images = image_set.images[index]
         images = (datamod.to_float(images) if images.dtype == torch.uint8 else images.float()).to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = image_set.labels[index].to(device)
-        logits = net(images)
+        plain, logits = augmented.plain_and_augmented(images) if augmented else (model(images),) * 2
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
+        plain_correct += (plain.argmax(1) == labels).sum().item()
     model.train(was_training)
-    return {"loss": loss_sum / len(image_set), "accuracy": correct / len(image_set)}
+    return {"loss": loss_sum / len(image_set), "accuracy": correct / len(image_set),
+            "plain_accuracy": plain_correct / len(image_set)}
 
 
 class _InterruptFlag:

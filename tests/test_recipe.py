@@ -79,6 +79,26 @@ def test_tta_averages_flipped_and_translated_views():
     assert torch.allclose(full, expected, atol=1e-5)
 
 
+def test_evaluation_with_tta_also_gives_the_plain_accuracy_from_the_same_forward_passes():
+    from cifarx.data import ImageSet
+    from cifarx.train import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()  # its mirror image differs
+    image_set = ImageSet(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,)),
+                         [str(i) for i in range(10)])
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    both = evaluate(model, image_set, 16, torch.device("cpu"), tta="flip")
+    assert calls == [32, 32, 16]  # one pass per batch of 16 (the image and its flip), none without TTA
+    x = image_set.images.float() / 255
+    with torch.no_grad():
+        plain, flipped = model(x), TestTimeAugmentation(model, "flip")(x)
+    assert both["plain_accuracy"] == (plain.argmax(1) == image_set.labels).sum().item() / 40
+    assert both["accuracy"] == (flipped.argmax(1) == image_set.labels).sum().item() / 40
+    assert both["accuracy"] != both["plain_accuracy"]  # the two figures are not one number reported twice
+
+
 def test_export_folds_tta_into_the_graph(trained_run, tmp_path):
     import numpy as np
     import onnx

@@ -54,14 +54,18 @@ class TestTimeAugmentation(nn.Module):
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.plain_and_augmented(x)[1]
+
+    def plain_and_augmented(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits of x alone, TTA logits): the plain view is one of the TTA views, so both figures cost one pass."""
         views = torch.cat([x, x.flip(-1)])
         logits = self.model(views)
         batch = x.shape[0]
         centred = (logits[:batch] + logits[batch:]) / 2
         if self.mode == "flip":
-            return centred
+            return logits[:batch], centred
         padded = torch.nn.functional.pad(views, (1, 1, 1, 1), mode="reflect")
         height, width = x.shape[-2:]
         shifted = torch.cat([padded[..., :height, :width], padded[..., 2:, 2:]])
         shifted_logits = self.model(shifted)
-        return (centred + shifted_logits.view(4, batch, -1).mean(0)) / 2
+        return logits[:batch], (centred + shifted_logits.view(4, batch, -1).mean(0)) / 2
