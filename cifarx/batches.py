@@ -34,10 +34,17 @@ def validation_split(labels: torch.Tensor, val_size: int, seed: int, source: str
     return datamod.stratified_split(labels, val_size, seed)
 
 
+def recorded_split(config: dict) -> tuple[int | None, int]:
+    """(val_size, seed of the split) of a run's recorded settings: `split_seed`, or the run's `seed` without one."""
+    split_seed = config.get("split_seed")
+    return config.get("val_size"), config.get("seed", 0) if split_seed is None else split_seed
+
+
 def split_train_val(config: TrainConfig) -> tuple[datamod.ImageSet, datamod.ImageSet]:
     """The training images and the stratified validation split carved from them."""
     full = datamod.load_split(config.data, "train", config.data_root)
-    train_index, val_index = validation_split(full.labels, config.val_size, config.seed, config.data)
+    val_size, split_seed = recorded_split(config.to_dict())
+    train_index, val_index = validation_split(full.labels, val_size, split_seed, config.data)
     train_set, val_set = full.subset(train_index), full.subset(val_index)
     if config.train_size and config.train_size < len(train_set):
         _, keep = datamod.stratified_split(train_set.labels, config.train_size, config.seed + 1)

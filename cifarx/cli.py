@@ -199,6 +199,8 @@ class RichReporter:
               "FixMatch's consistency term, or its supervised-only baseline; deep-*: with the TP3 CNN as q(y|x) "
               "(= --preset vae-ssl-METHOD; --model vae-ssl alone means m2)")
 @click.option("--seed", type=int)
+@click.option("--split-seed", type=int, help="the seed that picks the --val-size images (default: --seed); one value "
+              "for runs of several seeds keeps one validation split, so `cifarx combine` can ensemble them")
 @click.option("--patience", type=int, help="early stopping after this many epochs without improvement (0 = off)")
 @click.option("--device", help="cpu, cuda or cuda:N")
 @click.option("--threads", type=int, help="torch intra-op threads")
@@ -236,7 +238,7 @@ class RichReporter:
 @click.option("--sync-bn/--no-sync-bn", default=None, help="distributed: BatchNorm statistics over the global batch")
 def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
           label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
-          seed, patience, device, threads, compile_, channels_last, precision, model_args, settings, out, resume,
+          seed, split_seed, patience, device, threads, compile_, channels_last, precision, model_args, settings, out, resume,
           img_size, freeze, freeze_bn, pretrained, weights, backbone_lr_scale, cached_features, progressive_sizes, nproc,
           sync_bn, init_from):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png.
@@ -254,7 +256,8 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
     options = dict(
         model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        ema_decay=ema_decay, tta=tta, val_size=val_size, train_size=train_size, seed=seed, patience=patience,
+        ema_decay=ema_decay, tta=tta, val_size=val_size, train_size=train_size, seed=seed, split_seed=split_seed,
+        patience=patience,
         device=device, threads=threads, compile=compile_, channels_last=channels_last, precision=precision, out=out,
         augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
         labelled=labelled, labelled_per_class=labelled_per_class, unlabelled=unlabelled,

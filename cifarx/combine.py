@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cifarx import data as datamod
-from cifarx.batches import validation_split
+from cifarx.batches import recorded_split, validation_split
 from cifarx.card import train_command
 from cifarx.checkpoint import load_weights, read_checkpoint, resolve_checkpoint, save_checkpoint
 from cifarx.errors import CifarxError
@@ -29,7 +29,7 @@ MEMBER_FIGURES = ("train_seconds", "epochs_run", "train_images", "best_val_accur
 
 
 def _split(payload: dict) -> tuple:
-    return payload["config"].get("val_size"), payload["config"].get("seed")
+    return recorded_split(payload["config"])
 
 
 def _check_members(checkpoints: list[Path], payloads: list[dict]) -> None:

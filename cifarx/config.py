@@ -45,6 +45,9 @@ class TrainConfig:
     data: str = "cifar10"
     data_root: str | None = None
     val_size: int = 5000  # images held out of train, stratified, for selection
+    # the seed that picks those images; None = `seed`. Runs of one recipe with other seeds (an ensemble's members)
+    # set it to one value, so they hold out the same images and `cifarx combine` can measure them together
+    split_seed: int | None = None
     train_size: int | None = None  # use only this many training images (stratified); None = all the rest
     # semi-supervised (vae-ssl): a labelled subset of the training images, stratified and fixed by the seed, plus
     # unlabelled images from the rest whose labels become -1; None/0 = every training image labelled (the default)

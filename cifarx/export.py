@@ -12,7 +12,7 @@ import torch.nn as nn
 import cifarx
 from cifarx import data as datamod
 from cifarx import runfolder
-from cifarx.batches import validation_split
+from cifarx.batches import recorded_split, validation_split
 from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_path, check_writable
@@ -52,9 +52,9 @@ def parity_images(payload: dict, data: str | None, data_root: str | None, count:
         full = datamod.load_split(source, "train", data_root or config.get("data_root"))
     except CifarxError as error:
         raise CifarxError(f"parity check needs real images: {error} (pass --data DIR)") from None
-    val_size = config.get("val_size") or 0
-    if 0 < val_size < len(full):
-        _, index = validation_split(full.labels, val_size, config.get("seed", 0), source)
+    val_size, split_seed = recorded_split(config)
+    if 0 < (val_size or 0) < len(full):
+        _, index = validation_split(full.labels, val_size, split_seed, source)
     else:  # no held-out images in this data (trained on all of it, or other --data): any of its images show parity
         index = torch.arange(len(full))
     return datamod.to_float(full.images[index[:count]])
@@ -90,6 +90,7 @@ def check_parity(onnx_path: Path, torch_model: nn.Module, images: torch.Tensor, 
 def build_metadata(payload: dict, checkpoint: Path, opset: int, tta: str, preprocessing: dict, fp16: bool) -> dict[str, str]:
     config = payload["config"]
     metrics = payload.get("metrics") or {}
+    val_size, split_seed = recorded_split(config)
     metadata = {
         "cifarx_format": "1",
         "class_names": json.dumps(payload["class_names"]),
@@ -107,7 +108,7 @@ def build_metadata(payload: dict, checkpoint: Path, opset: int, tta: str, prepro
         "model_name": payload["model"]["name"],
         "model_kwargs": json.dumps(payload["model"]["kwargs"]),
         "val_accuracy": json.dumps(metrics.get("val_accuracy")),
-        "val_split": json.dumps({"data": config.get("data"), "val_size": config.get("val_size"), "seed": config.get("seed")}),
+        "val_split": json.dumps({"data": config.get("data"), "val_size": val_size, "seed": split_seed}),
         "checkpoint_sha256": file_sha256(checkpoint),
         "cifarx_version": cifarx.__version__,
         "torch_version": torch.__version__,

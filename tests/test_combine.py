@@ -71,3 +71,27 @@ def test_combine_refuses_runs_validated_on_other_images_a_single_run_and_a_used_
     assert_one_line_error(run("combine", two_runs[0], "--out", tmp_path / "x"), "two or more runs")
     assert_one_line_error(run("combine", *two_runs, "--out", two_runs[0]), "already holds a run")
     assert not (tmp_path / "x").exists()
+
+
+def test_runs_of_other_seeds_hold_out_one_split_with_split_seed_so_they_combine(two_runs, image_folder, tmp_path):
+    import onnx
+
+    from cifarx.batches import split_train_val
+    from cifarx.checkpoint import load_model
+    from cifarx.config import make_train_config
+
+    def held_out(**settings):
+        return split_train_val(make_train_config(data=str(image_folder), val_size=16, **settings))[1].images
+
+    assert torch.equal(held_out(seed=1, split_seed=0), held_out(seed=0))
+    assert not torch.equal(held_out(seed=1), held_out(seed=0))  # without it, the seed picks the split as before
+
+    seed1 = _train(image_folder, tmp_path / "seed1", "--model", "simple-cnn", "--tta", "flip", "--seed", 1,
+                   "--split-seed", 0)
+    weights = [load_model(r)[0].state_dict() for r in (two_runs[0], seed1)]
+    assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])  # trained apart
+    result = run("combine", two_runs[0], seed1, "--out", tmp_path / "seeds")
+    assert result.exit_code == 0, result.output
+    assert run("export", seed1, "-o", tmp_path / "seed1.onnx").exit_code == 0
+    metadata = {prop.key: prop.value for prop in onnx.load(str(tmp_path / "seed1.onnx")).metadata_props}
+    assert json.loads(metadata["val_split"])["seed"] == 0  # what `cifarx eval --split val` holds out again
