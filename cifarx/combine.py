@@ -98,6 +98,9 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
     times = [record.get("train_seconds") for record in records]
     # the members' training times add up; each was measured on its own machine (in `members`)
     summary["train_seconds"] = round(sum(times), 1) if None not in times else None
+    for shared in ("machine", "training_precision"):  # the card's "wall time on ..." when every member says the same
+        values = [record.get(shared) for record in records]
+        summary[shared] = values[0] if all(value == values[0] for value in values) else None
     summary["members"] = records
 
     config = {"model": "ensemble", "data": data, "data_root": data_root, "val_size": val_size, "seed": seed,
