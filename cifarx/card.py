@@ -176,6 +176,13 @@ def _precision_text(precision: str | None) -> str:
     return f", training step in {precision}" if precision else ""  # runs from before summaries recorded it: nothing
 
 
+def _cell(value) -> str:
+    """A table cell for people, not Python's repr: no value is a dash, a per-member list is comma-separated."""
+    if isinstance(value, list):
+        return ", ".join(_cell(item) for item in value)
+    return "—" if value is None else str(value)
+
+
 def _members_text(members: list | None) -> list[str]:
     if not members:
         return []
@@ -207,8 +214,8 @@ def _markdown(card: dict) -> str:
         f"| validation accuracy | {accuracy} |",
         f"| trained on | {card['train_images']} images, {card['epochs']} epochs{unfinished}, {card['train_seconds']} s "
         f"wall time{_precision_text(card.get('training_precision'))}{_machine_text(card.get('machine'))} |",
-        f"| preset / seed | {card['preset']} / {card['seed']} |",
-        *[f"| {name.replace('_', ' ')} | {card[name]} |" for name in FAMILY_FIELDS if name in card],
+        f"| preset / seed | {_cell(card['preset'])} / {_cell(card['seed'])} |",
+        *[f"| {name.replace('_', ' ')} | {_cell(card[name])} |" for name in FAMILY_FIELDS if name in card],
         f"| input | {card['input']} |",
         f"| outputs | logits, probabilities |",
         f"| test-time augmentation in graph | {card['tta_in_graph']} |",

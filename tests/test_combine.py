@@ -60,6 +60,7 @@ def test_combined_runs_answer_with_their_mean_logits_and_ship_as_one_file_with_a
     assert card["val_accuracy"]["mean"] == summary["best_val_accuracy_tta_flip"]
     markdown = (tmp_path / "both.md").read_text()
     assert "Members" in markdown and markdown.count("cifarx train") == 2
+    assert "| img size | —, 40 |" in markdown and "| preset / seed | — / 0 |" in markdown and "None" not in markdown
     import onnx
 
     metadata = {prop.key: prop.value for prop in onnx.load(str(tmp_path / "both.onnx")).metadata_props}
