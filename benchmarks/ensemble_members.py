@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cifarx import data as datamod
-from cifarx.batches import validation_split
+from cifarx.batches import recorded_split, validation_split
 from cifarx.checkpoint import load_model
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     config = payload["config"]
     data = args.data or config["data"]
     full = datamod.load_split(data, "train", config.get("data_root"))
-    val_set = full.subset(validation_split(full.labels, config["val_size"], config["seed"], data)[1])
+    val_set = full.subset(validation_split(full.labels, *recorded_split(config), data)[1])
     images = datamod.to_float(val_set.images)
     with torch.no_grad():
         logits = torch.cat([model.eval()(batch, members=True) for batch in images.split(200)], 1)

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 from cifarx import data as datamod
-from cifarx.batches import validation_split
+from cifarx.batches import recorded_split, validation_split
 from cifarx.config import TrainConfig
 
 
 def hidden_labels(config: TrainConfig) -> torch.Tensor:
     """The true label of each row of the run's (semi-supervised) training set, unlabelled rows included."""
     full = datamod.load_split(config.data, "train", config.data_root)
-    train_index, _ = validation_split(full.labels, config.val_size, config.seed, config.data)
+    train_index, _ = validation_split(full.labels, *recorded_split(config.to_dict()), config.data)
     train = full.subset(train_index)
     if config.train_size and config.train_size < len(train):
         _, keep = datamod.stratified_split(train.labels, config.train_size, config.seed + 1)
