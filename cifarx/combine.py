@@ -28,20 +28,18 @@ from cifarx.train import evaluate
 MEMBER_FIGURES = ("train_seconds", "epochs_run", "train_images", "best_val_accuracy", "machine", "training_precision")
 
 
-def _split(payload: dict) -> tuple:
-    return recorded_split(payload["config"])
-
-
 def _check_members(checkpoints: list[Path], payloads: list[dict]) -> None:
     """Same classes and the same validation images, else the ensemble's validation figure would be meaningless."""
     first, reference = checkpoints[0], payloads[0]
+    reference_size, reference_seed = recorded_split(reference["config"])
     for path, payload in zip(checkpoints[1:], payloads[1:]):
         if payload["class_names"] != reference["class_names"]:
             raise CifarxError(f"{path} was trained on the classes {', '.join(payload['class_names'])}; {first} on "
                               f"{', '.join(reference['class_names'])}")
-        if _split(payload) != _split(reference):
-            raise CifarxError(f"{path} held out val_size {_split(payload)[0]} with seed {_split(payload)[1]}, {first} "
-                              f"val_size {_split(reference)[0]} with seed {_split(reference)[1]}: a member would be "
+        val_size, seed = recorded_split(payload["config"])
+        if (val_size, seed) != (reference_size, reference_seed):
+            raise CifarxError(f"{path} held out val_size {val_size} with seed {seed}, {first} "
+                              f"val_size {reference_size} with seed {reference_seed}: a member would be "
                               "validated on images another one trained on")
 
 
@@ -73,7 +71,7 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
     load_weights(model, state, out, "ensemble")
     model.eval()
 
-    val_size, seed = _split(reference)
+    val_size, seed = recorded_split(reference["config"])
     data = data or reference["config"].get("data")
     data_root = data_root or reference["config"].get("data_root")
     if not val_size:
