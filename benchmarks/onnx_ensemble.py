@@ -6,7 +6,8 @@ validation split the files record (they must record the same one), and the pairw
 
 A reading for a recipe that trains both members: it costs the sum of their training and inference. The mean of
 the probabilities and the mean of the logits are both reported: members trained apart need not share a logit scale,
-and the `ensemble` model (`cifarx combine`, which ships the members as one file) averages logits.
+and the `ensemble` model (`cifarx combine`, which ships the members as one file) averages logits. --subsets also
+scores every group of two or more of the files (each file runs once), to choose members before combining them.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--subsets", action="store_true", help="also score every group of two or more files")
     args = parser.parse_args()
     if len(args.models) < 2:
         sys.exit("give two or more ONNX files")
@@ -55,6 +57,10 @@ def main() -> None:
     probabilities = {path: softmax(values) for path, values in logits.items()}
     labels = images.labels.numpy()
     predictions = {path: p.argmax(1) for path, p in probabilities.items()}
+
+    def accuracy(members: tuple[Path, ...], scores: dict[Path, np.ndarray]) -> float:
+        return float((np.mean([scores[path] for path in members], 0).argmax(1) == labels).mean())
+
     result = {
         "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         **cpu_flags(), "threads": args.threads, "val_images": len(labels), "val_split": splits[args.models[0]],
@@ -62,15 +68,22 @@ def main() -> None:
                      "seconds_for_the_split": seconds[path]} for path in args.models],
         "disagreement": {f"{a} / {b}": float((predictions[a] != predictions[b]).mean())
                          for a, b in itertools.combinations(args.models, 2)},
-        "ensemble_val_accuracy": float((np.mean(list(probabilities.values()), 0).argmax(1) == labels).mean()),
-        "ensemble_val_accuracy_mean_logits": float((np.mean(list(logits.values()), 0).argmax(1) == labels).mean()),
+        "ensemble_val_accuracy": accuracy(tuple(args.models), probabilities),
+        "ensemble_val_accuracy_mean_logits": accuracy(tuple(args.models), logits),
     }
+    if args.subsets:
+        groups = [members for size in range(2, len(args.models)) for members in itertools.combinations(args.models, size)]
+        result["subsets"] = [{"files": [str(path) for path in members], "mean_logits": accuracy(members, logits),
+                              "mean_probabilities": accuracy(members, probabilities)} for members in groups]
     if args.out:
         atomic_write_json(args.out, result)
     for member in result["members"]:
         print(f"{member['file']}: {member['val_accuracy']:.2%} ({member['seconds_for_the_split']} s)")
     print(f"mean probabilities: {result['ensemble_val_accuracy']:.2%}, mean logits: "
           f"{result['ensemble_val_accuracy_mean_logits']:.2%}; disagreement {result['disagreement']}")
+    for subset in result.get("subsets", []):
+        print(f"{' + '.join(subset['files'])}: mean probabilities {subset['mean_probabilities']:.2%}, "
+              f"mean logits {subset['mean_logits']:.2%}")
 
 
 if __name__ == "__main__":
