@@ -11,7 +11,8 @@ Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the 
   --progressive-sizes 96,112 the first parts of the run train at those sizes (`progressive_sizes`), in
   OUT/<model>-full-<size>-from96-112/.
 - every row but linear: with --freeze-bn every BatchNorm layer keeps its ImageNet statistics and scale/shift
-  (`cifarx train --freeze-bn`), in OUT/...-frozenbn/; with --ema-decay D the best checkpoint is the weights' moving
+  (`cifarx train --freeze-bn`), in OUT/...-frozenbn/; with --freeze-depthwise every depthwise convolution keeps its
+  ImageNet filters (`cifarx train --freeze-depthwise`), in OUT/...-frozendw/; with --ema-decay D the best checkpoint is the weights' moving
   average (`ema_decay`), in OUT/...-emaD/.
 
 Each row gives the best validation accuracy (5,000 images held out of train, seed 0; with --tta also the best
@@ -79,7 +80,8 @@ def loop_levers(row: str, args: argparse.Namespace) -> dict:
     """The fine-tuning levers of the rows that train through the loop (not the linear probe): {} when all are off."""
     if row == "linear":
         return {}
-    return {key: value for key, value in (("freeze_bn", args.freeze_bn), ("ema_decay", args.ema_decay)) if value}
+    return {key: value for key, value in (("freeze_bn", args.freeze_bn), ("freeze_depthwise", args.freeze_depthwise),
+                                          ("ema_decay", args.ema_decay)) if value}
 
 
 def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) -> TrainConfig:
@@ -90,11 +92,12 @@ def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) ->
     progressive = progressive_sizes(row, img_size, args)
     levers = loop_levers(row, args)
     backbone_args = {"pretrained": True} if args.pretrained else {"weights": package}
-    backbone_args.update({"freeze_bn": True} if levers.get("freeze_bn") else {})
+    backbone_args.update({key: True for key in ("freeze_bn", "freeze_depthwise") if levers.get(key)})
     ema = f"-ema{levers['ema_decay']}" if "ema_decay" in levers else ""
     folder = (f"{model}-{row}-{img_size}{'-crop' if translated else ''}{f'-cutout{cutout}' if cutout else ''}"
               f"{'-from' + '-'.join(map(str, progressive)) if progressive else ''}"
-              f"{'-frozenbn' if levers.get('freeze_bn') else ''}{ema}")
+              f"{'-frozenbn' if levers.get('freeze_bn') else ''}{'-frozendw' if levers.get('freeze_depthwise') else ''}"
+              f"{ema}")
     common = dict(model=name, data=args.data, val_size=args.val_size, train_size=args.train_size, seed=args.seed,
                   threads=args.threads, out=str(Path(args.out) / folder), eval_batch_size=100)
     if row == "linear":
@@ -218,6 +221,7 @@ def trained_what(result: dict) -> str:
 
 def levers_what(result: dict) -> str:
     return ((", BatchNorm frozen" if result.get("freeze_bn") else "")
+            + (", depthwise filters frozen" if result.get("freeze_depthwise") else "")
             + (f", EMA {result['ema_decay']}" if result.get("ema_decay") else ""))
 
 
@@ -225,7 +229,7 @@ def row_key(result: dict) -> tuple:
     """Where a row sorts in the table: by row (cheapest first), model, image size."""
     return (ROWS.index(result["row"]), result["model"], result["img_size"], result.get("translated", False),
             result.get("cutout", 0), tuple(result.get("progressive_sizes", ())), result.get("freeze_bn", False),
-            result.get("ema_decay", 0.0))
+            result.get("freeze_depthwise", False), result.get("ema_decay", 0.0))
 
 
 def markdown(results: list[dict], cpu: dict, commands: list[str]) -> str:
@@ -273,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
                              "activations (cutout), rows of their own; 0 = off")
     parser.add_argument("--freeze-bn", action="store_true",
                         help="partial and full rows: BatchNorm keeps its ImageNet statistics and scale/shift")
+    parser.add_argument("--freeze-depthwise", action="store_true",
+                        help="partial and full rows: the depthwise convolutions keep their ImageNet filters")
     parser.add_argument("--ema-decay", type=float, default=0.0,
                         help="partial and full rows: checkpoints hold the weights' moving average (0 = off)")
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "flip-translate"])

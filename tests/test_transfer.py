@@ -213,6 +213,31 @@ def test_freeze_bn_keeps_every_batchnorm_as_built_while_the_rest_fine_tunes(imag
     assert not torch.equal(frozen.backbone.conv_stem.weight, start.backbone.conv_stem.weight)  # the convs trained
 
 
+def test_freeze_depthwise_keeps_the_depthwise_filters_while_the_pointwise_ones_fine_tune(image_folder, tmp_path,
+                                                                                         tiny_weights):
+    from click.testing import CliRunner
+
+    from cifarx.cli import cli
+
+    def convs(model, depthwise):
+        return {name: m.weight.detach().clone() for name, m in model.backbone.named_modules()
+                if isinstance(m, torch.nn.Conv2d) and (m.groups > 1 and m.groups == m.in_channels) == depthwise}
+
+    start = create_model(f"timm/{TINY}", num_classes=10, img_size=32, weights=str(tiny_weights))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--model", f"timm/{TINY}", "--data", str(image_folder), "--epochs", "1",
+                                      "--batch-size", "16", "--val-size", "16", "--img-size", "32", "--freeze", "none",
+                                      "--weights", str(tiny_weights), "--freeze-depthwise", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    trained, payload = load_model(out / "last.pt")
+    assert payload["model"]["kwargs"]["freeze_depthwise"] is True  # a resumed run rebuilds the same trainable set
+    before, kept = convs(start, depthwise=True), convs(trained, depthwise=True)
+    assert before and all(torch.equal(kept[name], before[name]) for name in before)
+    assert not any(m.weight.requires_grad for name, m in trained.backbone.named_modules() if name in before)
+    pointwise_before, pointwise_after = convs(start, depthwise=False), convs(trained, depthwise=False)
+    assert all(not torch.equal(pointwise_after[name], pointwise_before[name]) for name in pointwise_before)
+
+
 def test_pretrained_without_a_reachable_hub_fails_in_one_line(monkeypatch):
     monkeypatch.setattr(transfer, "_hub_available", lambda: False)
     with pytest.raises(CifarxError, match="hub is unreachable") as error:

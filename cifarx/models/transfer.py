@@ -165,7 +165,7 @@ class TimmClassifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, img_size: int, mean, std, freeze: str | int, rebuild_kwargs: dict,
-                 export_metadata: dict, freeze_bn: bool = False):
+                 export_metadata: dict, freeze_bn: bool = False, freeze_depthwise: bool = False):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
@@ -173,9 +173,9 @@ class TimmClassifier(nn.Module):
         self.training_resize_to: int | None = None  # progressive resizing: the size training batches use for now
         self.rebuild_kwargs = rebuild_kwargs  # what the checkpoint stores to rebuild this model without downloads
         self.export_metadata = export_metadata  # merged into the ONNX metadata by cifarx.export
-        self._freeze(freeze, freeze_bn)
+        self._freeze(freeze, freeze_bn, freeze_depthwise)
 
-    def _freeze(self, freeze: str | int, freeze_bn: bool) -> None:
+    def _freeze(self, freeze: str | int, freeze_bn: bool, freeze_depthwise: bool) -> None:
         stages = stages_of(self.backbone)
         if freeze == "none":
             trainable_stages = len(stages)
@@ -191,6 +191,10 @@ class TimmClassifier(nn.Module):
         if freeze_bn:  # ImageNet's statistics and affine kept: small fine-tuning batches estimate neither well
             for module in self.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.requires_grad_(False)
+        if freeze_depthwise:  # their weight gradient is the slowest kernel of a trained stage's backward on a CPU
+            for module in self.backbone.modules():
+                if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
                     module.requires_grad_(False)
         self.frozen_modules = [
             module for module in self.backbone.modules()
@@ -297,12 +301,13 @@ def _read_weights_file(path: Path) -> dict:
 def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | None = None, pretrained: bool = False,
                            weights: str | None = None, freeze: str | int = "none", mean=None, std=None,
                            timm_kwargs: dict | None = None, weights_source: str | None = None,
-                           freeze_bn: bool = False) -> TimmClassifier:
+                           freeze_bn: bool = False, freeze_depthwise: bool = False) -> TimmClassifier:
     """A timm backbone `name` with a new `num_classes` head, taking CIFAR-sized pixels in [0,1].
 
     img_size: side the 32x32 input is upsampled to (default: the backbone's pretrained input size).
     pretrained / weights: see the module docstring. freeze: 'all', 'none' or the number of trailing stages to train.
     freeze_bn: every BatchNorm layer keeps its ImageNet statistics and affine parameters (eval mode, not trained).
+    freeze_depthwise: every depthwise convolution keeps its pretrained filters (the pointwise ones still train).
     mean/std: override the normalisation. timm_kwargs: passed to timm.create_model (e.g. drop_path_rate).
     weights_source: a label only (set by checkpoints, whose state dict brings the weights).
     """
@@ -367,8 +372,11 @@ def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | 
         rebuild_kwargs["timm_kwargs"] = timm_kwargs
     if freeze_bn:
         rebuild_kwargs["freeze_bn"] = True
+    if freeze_depthwise:
+        rebuild_kwargs["freeze_depthwise"] = True
     export_metadata = {"backbone": f"timm/{name}", "weights": weights_source, "img_size": img_size}
-    model = TimmClassifier(backbone, img_size, mean, std, freeze, rebuild_kwargs, export_metadata, freeze_bn)
+    model = TimmClassifier(backbone, img_size, mean, std, freeze, rebuild_kwargs, export_metadata, freeze_bn,
+                           freeze_depthwise)
     try:  # one image now: a size the backbone cannot take (a ViT's fixed patch grid) fails here, not mid-run
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, 32, 32))
