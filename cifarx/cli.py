@@ -220,7 +220,7 @@ class RichReporter:
 @click.option("--freeze-bn/--no-freeze-bn", default=None, help="timm/<name>: keep every BatchNorm layer's ImageNet "
               "statistics and scale/shift (not trained)")
 @click.option("--freeze-depthwise/--no-freeze-depthwise", default=None,
-              help="timm/<name>: keep every depthwise convolution's filters (the pointwise ones train; about 1.27x "
+              help="timm/<name>: keep every depthwise convolution's filters (the pointwise ones train; about 1.3x "
               "faster steps for EfficientNet-Lite's trained stages on a CPU)")
 @click.option("--backbone-lr-scale", type=float, help="timm/<name>: lr multiplier for the backbone (the head gets --lr)")
 @click.option("--cached-features", is_flag=True, default=None,
