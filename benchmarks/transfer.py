@@ -12,8 +12,8 @@ Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the 
   OUT/<model>-full-<size>-from96-112/.
 - every row but linear: with --freeze-bn every BatchNorm layer keeps its ImageNet statistics and scale/shift
   (`cifarx train --freeze-bn`), in OUT/...-frozenbn/; with --freeze-depthwise every depthwise convolution keeps its
-  ImageNet filters (`cifarx train --freeze-depthwise`), in OUT/...-frozendw/; with --ema-decay D the best checkpoint is the weights' moving
-  average (`ema_decay`), in OUT/...-emaD/.
+  ImageNet filters (`cifarx train --freeze-depthwise`), in OUT/...-frozendw/; with --ema-decay D the best checkpoint
+  is the weights' moving average (`ema_decay`), in OUT/...-emaD/.
 
 Each row gives the best validation accuracy (5,000 images held out of train, seed 0; with --tta also the best
 checkpoint's with test-time augmentation), the training wall time and threads, and the latency of the exported best
