@@ -188,14 +188,13 @@ class TimmClassifier(nn.Module):
         frozen = {name for stage in stages[: len(stages) - trainable_stages] for name in stage}
         for name, parameter in self.backbone.named_parameters():
             parameter.requires_grad_(name not in frozen)
-        if freeze_bn:  # ImageNet's statistics and affine kept: small fine-tuning batches estimate neither well
-            for module in self.backbone.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.requires_grad_(False)
-        if freeze_depthwise:  # their weight gradient is the slowest kernel of a trained stage's backward on a CPU
-            for module in self.backbone.modules():
-                if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
-                    module.requires_grad_(False)
+        for module in self.backbone.modules():
+            # BatchNorm: ImageNet's statistics and affine kept, as small fine-tuning batches estimate neither well;
+            # depthwise filters: their weight gradient is the slowest kernel of a trained stage's backward on a CPU
+            batchnorm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            depthwise = isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels
+            if (freeze_bn and batchnorm) or (freeze_depthwise and depthwise):
+                module.requires_grad_(False)
         self.frozen_modules = [
             module for module in self.backbone.modules()
             if any(True for _ in module.parameters()) and not any(p.requires_grad for p in module.parameters())
