@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from cifarx import data as datamod
 from cifarx import distributed, self_training
@@ -88,6 +90,25 @@ class _TransformedImages(torch.utils.data.Dataset):
         return self.transform(self.image_set.images[index]), self.image_set.labels[index]
 
 
+def drawn_batch_size(config: TrainConfig) -> int:
+    """The images a training step draws: batch_size, or with hard-example selection the pool it picks them from."""
+    return round(config.batch_size / config.hard_fraction)
+
+
+def hardest(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, keep: int,
+            forward_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keep` images of the batch with the highest cross-entropy (selective backprop, Jiang et al. 2019), scored
+    in eval mode without gradients: BatchNorm's running statistics see only the images that train, and scoring costs
+    a forward pass, not the backward one it saves."""
+    model.eval()
+    autocast = torch.autocast(images.device.type, dtype=forward_dtype, enabled=forward_dtype != torch.float32)
+    with torch.no_grad(), autocast:
+        losses = F.cross_entropy(model(images).float(), labels, reduction="none")
+    model.train()
+    chosen = losses.topk(keep, sorted=False).indices
+    return images[chosen], labels[chosen]
+
+
 def uses_dataloader(config: TrainConfig) -> bool:
     """Per-image torchvision policies (rotation, AutoAugment, erasing) need a DataLoader; the rest is batch-wise."""
     return bool(PER_IMAGE_AUGMENTATIONS & set(config.augment))
@@ -98,14 +119,14 @@ def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: in
                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's (float images in [0,1], labels) batches, deterministic in (seed, epoch).
 
-    Under torchrun every rank draws the same global batches (config.batch_size images) and keeps rows
+    Under torchrun every rank draws the same global batches (drawn_batch_size images) and keeps rows
     rank::world_size of each, so the ranks' shards are disjoint and together are what one process trains on.
     """
     order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
     if uses_dataloader(config):
         # Each rank loads only its rows; per-image transforms use the rank's own random stream.
         shards = [index[rank::world_size].tolist()
-                  for index in datamod.iterate_batches(len(train_set), config.batch_size, order, drop_last=True)]
+                  for index in datamod.iterate_batches(len(train_set), drawn_batch_size(config), order, drop_last=True)]
         worker_seeds = torch.Generator().manual_seed(distributed.rank_seed(stream_seed(config.seed, epoch, 1), rank))
         loader = torch.utils.data.DataLoader(
             _TransformedImages(train_set, _torchvision_transform(config)), batch_sampler=shards,
@@ -118,12 +139,12 @@ def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: in
     augment = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 1))
     flips = alternating_flips(len(train_set), config.seed, epoch) if "alternating-flip" in config.augment else None
     labels_on_device = train_set.labels.to(device)
-    batches = datamod.iterate_batches(len(train_set), config.batch_size, order, drop_last=True)
+    batches = datamod.iterate_batches(len(train_set), drawn_batch_size(config), order, drop_last=True)
     if config.labelled_fraction and (train_set.labels == datamod.UNLABELLED).any():
         # Semi-supervised: the same number of steps, each batch with a fixed share of (oversampled) labelled images.
-        labelled_per_batch = min(config.batch_size - 1, max(1, round(config.labelled_fraction * config.batch_size)))
-        batches = datamod.mixed_batches(train_set.labels, config.batch_size, labelled_per_batch,
-                                        len(train_set) // config.batch_size, order)
+        drawn = drawn_batch_size(config)
+        labelled_per_batch = min(drawn - 1, max(1, round(config.labelled_fraction * drawn)))
+        batches = datamod.mixed_batches(train_set.labels, drawn, labelled_per_batch, len(train_set) // drawn, order)
     for index in batches:
         images = datamod.to_float(images_on_device[index.to(device)])
         images = datamod.random_crop_flip_cutout(
@@ -148,8 +169,9 @@ def alternating_flips(count: int, seed: int, epoch: int) -> torch.Tensor:
 
 def check_batches(train_set: datamod.ImageSet, config: TrainConfig) -> None:
     """Refuse, before anything is written, batch settings this training set cannot serve."""
-    if len(train_set) < config.batch_size:
-        raise CifarxError(f"batch size {config.batch_size} is larger than the {len(train_set)} training images")
+    if len(train_set) < drawn_batch_size(config):
+        pool = f" (a pool of {drawn_batch_size(config)} for --hard-fraction)" if config.hard_fraction < 1 else ""
+        raise CifarxError(f"batch size {config.batch_size}{pool} is larger than the {len(train_set)} training images")
     if "alternating-flip" in config.augment and uses_dataloader(config):
         raise CifarxError("alternating-flip needs batch-wise augmentation (crop, cutout), not "
                           f"{sorted(PER_IMAGE_AUGMENTATIONS & set(config.augment))}")

@@ -21,6 +21,7 @@ AUGMENTATIONS = ("crop", "flip", "alternating-flip", "cutout", "rotate", "autoau
 TTA_MODES = ("none", "flip", "flip-translate")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")  # cached prefix activations (prefix_cache.py)
 PRECISIONS = ("float32", "bfloat16")  # the training step's forward pass
+HARD_EXAMPLE_OBJECTIVES = ("supervised", "ensemble")  # whose loss is the cross-entropy of the logits of labelled images
 TRANSLATE_MODES = ("reflect", "constant")  # the padding modes both torch.nn.functional.pad and torchvision's RandomCrop know
 # semi-supervised recipes: `--method X` is the preset SSL_METHODS[X]. vae-ssl: "deep-" ones have the TP3 CNN as
 # q(y|x); the fast network's: self-training rounds and their supervised-only baseline
@@ -65,6 +66,10 @@ class TrainConfig:
     batch_size: int = 128
     eval_batch_size: int = 500
     patience: int = 0  # early stopping: epochs without a better val accuracy; 0 = off
+    # online hard-example selection (selective backprop): each step draws batch_size / hard_fraction images, scores
+    # them by their cross-entropy in eval mode without gradients, and trains on the batch_size hardest, so the
+    # backward pass is spent where the loss is; an epoch is hard_fraction as many steps. 1 = off
+    hard_fraction: float = 1.0
     # optimiser
     optimizer: str = "adam"
     lr: float = 1e-3  # peak learning rate
@@ -147,6 +152,11 @@ class TrainConfig:
                 raise CifarxError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
         if self.val_size < 0:
             raise CifarxError(f"--val-size must be >= 0, got {self.val_size}")
+        if not 0 < self.hard_fraction <= 1:
+            raise CifarxError(f"--hard-fraction must be in (0, 1], got {self.hard_fraction}")
+        if self.hard_fraction < 1 and self.objective not in HARD_EXAMPLE_OBJECTIVES:
+            raise CifarxError(f"--hard-fraction ranks labelled images by cross-entropy: objective {self.objective} "
+                              f"has other terms; use it with {' or '.join(HARD_EXAMPLE_OBJECTIVES)}")
         if self.weight_decay < 0 or self.patience < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
             raise CifarxError("weight decay and patience must be >= 0; label smoothing and EMA decay in [0, 1)")
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "tta": TTA_MODES, "translate_mode": TRANSLATE_MODES,

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from cifarx import data as datamod
-from cifarx.batches import stream_seed
+from cifarx.batches import drawn_batch_size, stream_seed
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_write
 
@@ -238,7 +238,7 @@ class PrefixInputs:
         shifts = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 4))
         holes = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 5))
         copy = torch.randint(self.train.shape[1], (len(self.train),), generator=flips)
-        for index in datamod.iterate_batches(len(self.train), config.batch_size, order, drop_last=True):
+        for index in datamod.iterate_batches(len(self.train), drawn_batch_size(config), order, drop_last=True):
             activations = self.train[index, copy[index]].to(device).float()
             if self.translate_cells:
                 activations = datamod.random_crop_flip_cutout(activations, shifts, pad=self.translate_cells, flip=False,

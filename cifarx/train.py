@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from cifarx import data as datamod
 from cifarx import distributed, self_training
 from cifarx import runfolder
-from cifarx.batches import check_batches, resolve_device, split_train_val, stream_seed, training_batches
+from cifarx.batches import (check_batches, drawn_batch_size, hardest, resolve_device, split_train_val, stream_seed,
+                             training_batches)
 from cifarx.checkpoint import load_initial_weights, load_weights, read_checkpoint, save_checkpoint
 from cifarx.config import TrainConfig, resumed_config
 from cifarx.errors import CifarxError, TrainingInterrupted
@@ -101,7 +102,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     optimizer = build_optimizer(model, config)
     _check_whitening_bias(model, config, ranks)
     _check_progressive_sizes(model, config)
-    steps_per_epoch = len(train_set) // config.batch_size
+    steps_per_epoch = len(train_set) // drawn_batch_size(config)
     total_steps = steps_per_epoch * config.epochs
     scheduler = build_scheduler(optimizer, steps_per_epoch, config)
     ema = None
@@ -179,6 +180,9 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 if config.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 state.partial["data_seconds"] += time.perf_counter() - data_start
+                if config.hard_fraction < 1:  # a rank keeps its share of the global batch_size
+                    keep = round(len(labels) * config.batch_size / drawn_batch_size(config))
+                    images, labels = hardest(step_model, images, labels, keep, forward_dtype)
                 with torch.autocast(device.type, dtype=forward_dtype, enabled=forward_dtype != torch.float32):
                     out = objective(step_model, images, labels)
                 optimizer.zero_grad(set_to_none=True)

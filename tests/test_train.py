@@ -5,6 +5,7 @@ import signal
 import pytest
 import torch
 
+from cifarx.batches import hardest
 from cifarx.checkpoint import read_checkpoint
 from cifarx.config import TrainConfig, make_train_config
 from cifarx.errors import CifarxError, TrainingInterrupted
@@ -102,7 +103,8 @@ def test_early_stopping_stops(image_folder, tmp_path):
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("optimizer", "sgdx"),
                                          ("augment", ["flip", "alternating-flip"]), ("muon_momentum", 1.0),
-                                         ("muon_lr", float("nan")), ("whiten_bias_epochs", -1)])
+                                         ("muon_lr", float("nan")), ("whiten_bias_epochs", -1),
+                                         ("hard_fraction", 0.0), ("hard_fraction", 1.5)])
 def test_invalid_settings_are_refused(field, value):
     with pytest.raises(CifarxError):
         make_train_config(**{field: value})
@@ -196,6 +198,41 @@ def test_bfloat16_precision_autocasts_the_training_steps_forward_pass_and_nothin
     assert conv_outputs == {True: {getattr(torch, precision)}, False: {torch.float32}}
     assert summary["training_precision"] == precision
     assert all(w.dtype == torch.float32 for w in final_weights(tmp_path / "run").values() if w.is_floating_point())
+
+
+def test_hardest_keeps_the_highest_loss_images_scored_without_gradients_or_batchnorm_updates():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16),
+                                torch.nn.Linear(16, 3)).train()
+    images, labels = torch.randn(10, 3, 2, 2), torch.randint(3, (10,))
+    running_mean = model[2].running_mean.clone()
+    kept_images, kept_labels = hardest(model, images, labels, 4, torch.float32)
+    assert model.training and torch.equal(model[2].running_mean, running_mean)
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(model(images), labels, reduction="none")
+        kept_losses = torch.nn.functional.cross_entropy(model(kept_images), kept_labels, reduction="none")
+    assert torch.equal(kept_losses.sort().values, losses.topk(4).values.sort().values)
+
+
+def test_hard_fraction_steps_on_batch_size_images_picked_from_a_pool_of_batch_size_over_fraction(
+        image_folder, tmp_path, monkeypatch):
+    import cifarx.train as loop
+
+    pools = []
+
+    def recording(model, images, labels, keep, forward_dtype):
+        pools.append((len(images), keep))
+        return hardest(model, images, labels, keep, forward_dtype)
+
+    monkeypatch.setattr(loop, "hardest", recording)
+    summary = train(tiny_config(image_folder, tmp_path / "run", epochs=2, hard_fraction=0.5))
+    steps = read_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["run"]["global_step"]
+    assert steps == 2 * (summary["train_images"] // 32)  # half the steps of batch 16: each draws 32 images
+    assert pools == [(32, 16)] * steps
+    with pytest.raises(CifarxError, match="ranks labelled images by cross-entropy: objective fixmatch"):
+        make_train_config(hard_fraction=0.5, objective="fixmatch")
 
 
 def test_unknown_precision_is_one_clear_line(image_folder, tmp_path):
