@@ -172,6 +172,9 @@ class TrainConfig:
             if any(size < 8 for size in sizes) or sizes != sorted(sizes) or self.epochs <= len(sizes):
                 raise CifarxError(f"--progressive-sizes must rise, each >= 8, with fewer sizes than --epochs "
                                   f"(the last part trains at --img-size); got {sizes} for {self.epochs} epochs")
+        if self.hard_fraction < 1 and self.cached_features and str(self.model_kwargs.get("freeze")) == "all":
+            raise CifarxError("--hard-fraction picks the images of the training loop's steps; the linear probe (--freeze "
+                              "all --cached-features) fits its head without that loop: drop one")
         if self.init_from and self.cached_features and str(self.model_kwargs.get("freeze")) == "all":
             raise CifarxError("--init-from starts the training loop from a checkpoint; the linear probe (--freeze all "
                               "--cached-features) fits a new head without that loop: drop one")

@@ -233,6 +233,8 @@ def test_hard_fraction_steps_on_batch_size_images_picked_from_a_pool_of_batch_si
     assert pools == [(32, 16)] * steps
     with pytest.raises(CifarxError, match="ranks labelled images by cross-entropy: objective fixmatch"):
         make_train_config(hard_fraction=0.5, objective="fixmatch")
+    with pytest.raises(CifarxError, match="the linear probe .* fits its head without that loop"):
+        make_train_config(model="timm/resnet10t", model_kwargs={"freeze": "all"}, cached_features=True, hard_fraction=0.5)
 
 
 def test_unknown_precision_is_one_clear_line(image_folder, tmp_path):
