@@ -14,7 +14,9 @@ Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the 
   (`cifarx train --freeze-bn`), in OUT/...-frozenbn/; with --freeze-depthwise every depthwise convolution keeps its
   ImageNet filters (`cifarx train --freeze-depthwise`), in OUT/...-frozendw/; with --ema-decay D the best checkpoint
   is the weights' moving average (`ema_decay`), in OUT/...-emaD/; with --hard-fraction F each step trains on the
-  batch's hardest images out of batch/F scored ones (`cifarx train --hard-fraction`), in OUT/...-hardF/.
+  batch's hardest images out of batch/F scored ones (`cifarx train --hard-fraction`), in OUT/...-hardF/; adding
+  --hard-selection remembered, each epoch trains on the F of images with the highest remembered loss, in
+  OUT/...-rememberedF/.
 
 Each row gives the best validation accuracy (5,000 images held out of train, seed 0; with --tta also the best
 checkpoint's with test-time augmentation), the training wall time and threads, and the latency of the exported best
@@ -82,8 +84,10 @@ def loop_levers(row: str, args: argparse.Namespace) -> dict:
     if row == "linear":
         return {}
     return {key: value for key, value in (("freeze_bn", args.freeze_bn), ("freeze_depthwise", args.freeze_depthwise),
-                                          ("ema_decay", args.ema_decay), ("hard_fraction", args.hard_fraction))
-            if value and (key != "hard_fraction" or value < 1)}
+                                          ("ema_decay", args.ema_decay), ("hard_fraction", args.hard_fraction),
+                                          ("hard_selection", args.hard_selection))
+            if value and (key != "hard_fraction" or value < 1)
+            and (key != "hard_selection" or (value == "remembered" and args.hard_fraction < 1))}
 
 
 def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) -> TrainConfig:
@@ -96,7 +100,8 @@ def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) ->
     backbone_args = {"pretrained": True} if args.pretrained else {"weights": package}
     backbone_args.update({key: True for key in ("freeze_bn", "freeze_depthwise") if levers.get(key)})
     ema = f"-ema{levers['ema_decay']}" if "ema_decay" in levers else ""
-    hard = f"-hard{levers['hard_fraction']}" if "hard_fraction" in levers else ""
+    hard = (f"-{'remembered' if 'hard_selection' in levers else 'hard'}{levers['hard_fraction']}"
+            if "hard_fraction" in levers else "")
     folder = (f"{model}-{row}-{img_size}{'-crop' if translated else ''}{f'-cutout{cutout}' if cutout else ''}"
               f"{'-from' + '-'.join(map(str, progressive)) if progressive else ''}"
               f"{'-frozenbn' if levers.get('freeze_bn') else ''}{'-frozendw' if levers.get('freeze_depthwise') else ''}"
@@ -111,7 +116,8 @@ def row_config(model: str, row: str, img_size: int, args: argparse.Namespace) ->
         )
     loop = dict(batch_size=args.batch_size, optimizer="sgd", nesterov=True, lr=args.lr,
                 backbone_lr_scale=args.backbone_lr_scale, weight_decay=5e-5, schedule="cosine", label_smoothing=0.1,
-                tta=args.tta, ema_decay=levers.get("ema_decay", 0.0), hard_fraction=levers.get("hard_fraction", 1.0))
+                tta=args.tta, ema_decay=levers.get("ema_decay", 0.0), hard_fraction=levers.get("hard_fraction", 1.0),
+                hard_selection=levers.get("hard_selection", "scored"))
     if row == "full":
         return make_train_config(
             **common, **loop, model_kwargs={"img_size": img_size, "freeze": "none", **backbone_args},
@@ -226,15 +232,18 @@ def levers_what(result: dict) -> str:
     return ((", BatchNorm frozen" if result.get("freeze_bn") else "")
             + (", depthwise filters frozen" if result.get("freeze_depthwise") else "")
             + (f", EMA {result['ema_decay']}" if result.get("ema_decay") else "")
-            + (f", hardest {result['hard_fraction']:.0%} of each scored pool trained" if result.get("hard_fraction", 1) < 1
-               else ""))
+            + (f", hardest {result['hard_fraction']:.0%} of each scored pool trained"
+               if result.get("hard_fraction", 1) < 1 and "hard_selection" not in result else "")
+            + (f", each epoch the {result['hard_fraction']:.0%} with the highest remembered loss"
+               if "hard_selection" in result else ""))
 
 
 def row_key(result: dict) -> tuple:
     """Where a row sorts in the table: by row (cheapest first), model, image size."""
     return (ROWS.index(result["row"]), result["model"], result["img_size"], result.get("translated", False),
             result.get("cutout", 0), tuple(result.get("progressive_sizes", ())), result.get("freeze_bn", False),
-            result.get("freeze_depthwise", False), result.get("ema_decay", 0.0), result.get("hard_fraction", 1.0))
+            result.get("freeze_depthwise", False), result.get("ema_decay", 0.0), result.get("hard_fraction", 1.0),
+            result.get("hard_selection", "scored"))
 
 
 def markdown(results: list[dict], cpu: dict, commands: list[str]) -> str:
@@ -288,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="partial and full rows: checkpoints hold the weights' moving average (0 = off)")
     parser.add_argument("--hard-fraction", type=float, default=1.0,
                         help="partial and full rows: train each step on the hardest F of batch/F scored images (1 = off)")
+    parser.add_argument("--hard-selection", default="scored", choices=["scored", "remembered"],
+                        help="with --hard-fraction: score a pool each step, or pick each epoch's F by remembered loss")
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "flip-translate"])
     parser.add_argument("--train-size", type=int, help="train on only this many images (smoke tests)")
     parser.add_argument("--val-size", type=int, default=5000)

@@ -90,9 +90,45 @@ class _TransformedImages(torch.utils.data.Dataset):
         return self.transform(self.image_set.images[index]), self.image_set.labels[index]
 
 
+def scores_each_step(config: TrainConfig) -> bool:
+    """Whether each step scores a pool of images to train on its hardest (--hard-selection scored)."""
+    return config.hard_fraction < 1 and config.hard_selection == "scored"
+
+
+def remembers_losses(config: TrainConfig) -> bool:
+    """Whether each epoch trains on the images with the highest remembered loss (--hard-selection remembered)."""
+    return config.hard_fraction < 1 and config.hard_selection == "remembered"
+
+
 def drawn_batch_size(config: TrainConfig) -> int:
-    """The images a training step draws: batch_size, or with hard-example selection the pool it picks them from."""
-    return round(config.batch_size / config.hard_fraction)
+    """The images a training step draws: batch_size, or with per-step scoring the pool it picks them from."""
+    return round(config.batch_size / config.hard_fraction) if scores_each_step(config) else config.batch_size
+
+
+def steps_per_epoch(train_images: int, config: TrainConfig) -> int:
+    """Optimiser steps an epoch: whole drawn batches of the training images, or of the share picked by remembered loss."""
+    drawn = round(config.hard_fraction * train_images) if remembers_losses(config) else train_images
+    return drawn // drawn_batch_size(config)
+
+
+def remembered_pick(losses: torch.Tensor, config: TrainConfig, epoch: int) -> torch.Tensor:
+    """The images (indices, shuffled) an epoch trains on under --hard-selection remembered: the hard_fraction with
+    the highest remembered loss, ties (never-trained images are +inf) broken at random, so the first epochs go
+    round every image once before any is repeated.
+
+    Selective backprop without its scoring pass (the "stale" variant of Jiang et al. 2019, with the loss of the
+    training forward pass as the memory): the losses are up to a few epochs old, which is what buys the saving."""
+    generator = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 6))
+    shuffled = torch.randperm(len(losses), generator=generator)
+    hardest_first = shuffled[losses[shuffled].argsort(descending=True, stable=True)]
+    picked = hardest_first[: round(config.hard_fraction * len(losses))]
+    return picked[torch.randperm(len(picked), generator=generator)]
+
+
+def picked_batches(picked: torch.Tensor, config: TrainConfig) -> list[torch.Tensor]:
+    """An epoch's batches of training-image indices, batch_size each, in the (shuffled) order of `picked`."""
+    whole = len(picked) - len(picked) % config.batch_size
+    return list(picked[:whole].split(config.batch_size))
 
 
 def hardest(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, keep: int,
@@ -115,9 +151,10 @@ def uses_dataloader(config: TrainConfig) -> bool:
 
 
 def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: int, device: torch.device,
-                     images_on_device: torch.Tensor, rank: int = 0,
-                     world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's (float images in [0,1], labels) batches, deterministic in (seed, epoch).
+                     images_on_device: torch.Tensor, rank: int = 0, world_size: int = 1,
+                     index_batches: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's (float images in [0,1], labels) batches, deterministic in (seed, epoch); `index_batches` replaces
+    the shuffled order with given batches of training-image indices (remembered-loss selection).
 
     Under torchrun every rank draws the same global batches (drawn_batch_size images) and keeps rows
     rank::world_size of each, so the ranks' shards are disjoint and together are what one process trains on.
@@ -125,8 +162,9 @@ def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: in
     order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
     if uses_dataloader(config):
         # Each rank loads only its rows; per-image transforms use the rank's own random stream.
-        shards = [index[rank::world_size].tolist()
-                  for index in datamod.iterate_batches(len(train_set), drawn_batch_size(config), order, drop_last=True)]
+        if index_batches is None:
+            index_batches = datamod.iterate_batches(len(train_set), drawn_batch_size(config), order, drop_last=True)
+        shards = [index[rank::world_size].tolist() for index in index_batches]
         worker_seeds = torch.Generator().manual_seed(distributed.rank_seed(stream_seed(config.seed, epoch, 1), rank))
         loader = torch.utils.data.DataLoader(
             _TransformedImages(train_set, _torchvision_transform(config)), batch_sampler=shards,
@@ -139,7 +177,9 @@ def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: in
     augment = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 1))
     flips = alternating_flips(len(train_set), config.seed, epoch) if "alternating-flip" in config.augment else None
     labels_on_device = train_set.labels.to(device)
-    batches = datamod.iterate_batches(len(train_set), drawn_batch_size(config), order, drop_last=True)
+    batches = index_batches
+    if batches is None:
+        batches = datamod.iterate_batches(len(train_set), drawn_batch_size(config), order, drop_last=True)
     if config.labelled_fraction and (train_set.labels == datamod.UNLABELLED).any():
         # Semi-supervised: the same number of steps, each batch with a fixed share of (oversampled) labelled images.
         drawn = drawn_batch_size(config)
@@ -169,9 +209,10 @@ def alternating_flips(count: int, seed: int, epoch: int) -> torch.Tensor:
 
 def check_batches(train_set: datamod.ImageSet, config: TrainConfig) -> None:
     """Refuse, before anything is written, batch settings this training set cannot serve."""
-    if len(train_set) < drawn_batch_size(config):
-        pool = f" (a pool of {drawn_batch_size(config)} for --hard-fraction)" if config.hard_fraction < 1 else ""
-        raise CifarxError(f"batch size {config.batch_size}{pool} is larger than the {len(train_set)} training images")
+    if len(train_set) < drawn_batch_size(config) or not steps_per_epoch(len(train_set), config):
+        pool = f" (a pool of {drawn_batch_size(config)} for --hard-fraction)" if scores_each_step(config) else ""
+        share = f" ({config.hard_fraction:g} of them an epoch)" if remembers_losses(config) else ""
+        raise CifarxError(f"batch size {config.batch_size}{pool} is larger than the {len(train_set)} training images{share}")
     if "alternating-flip" in config.augment and uses_dataloader(config):
         raise CifarxError("alternating-flip needs batch-wise augmentation (crop, cutout), not "
                           f"{sorted(PER_IMAGE_AUGMENTATIONS & set(config.augment))}")

@@ -188,6 +188,8 @@ class RichReporter:
 @click.option("--ema-decay", type=float, help="parameter EMA decay per step (0 = off)")
 @click.option("--hard-fraction", type=float, help="each step scores batch-size / F images by their loss (no "
               "gradients) and trains on the batch-size hardest: fewer backward passes an epoch (1 = off)")
+@click.option("--hard-selection", type=click.Choice(["scored", "remembered"]), help="with --hard-fraction: score a "
+              "pool each step, or train each epoch on the F of images whose last training loss was highest (no scoring)")
 @click.option("--augment", help="comma list of crop,flip,alternating-flip,cutout,rotate,autoaugment,erasing ('' for none)")
 @click.option("--tta", type=click.Choice(["none", "flip", "flip-translate"]), help="test-time augmentation for the final validation")
 @click.option("--val-size", type=int, help="validation images carved from train (default 5000)")
@@ -242,7 +244,7 @@ class RichReporter:
               "via torchrun; N GPUs with --device cuda); --batch-size stays the global batch (docs/distributed.md)")
 @click.option("--sync-bn/--no-sync-bn", default=None, help="distributed: BatchNorm statistics over the global batch")
 def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
-          label_smoothing, ema_decay, hard_fraction, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
+          label_smoothing, ema_decay, hard_fraction, hard_selection, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
           seed, split_seed, patience, device, threads, compile_, channels_last, precision, model_args, settings, out, resume,
           img_size, freeze, freeze_bn, freeze_depthwise, pretrained, weights, backbone_lr_scale, cached_features,
           progressive_sizes, nproc, sync_bn, init_from):
@@ -261,8 +263,8 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
     options = dict(
         model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        ema_decay=ema_decay, hard_fraction=hard_fraction, tta=tta, val_size=val_size, train_size=train_size, seed=seed,
-        split_seed=split_seed, patience=patience,
+        ema_decay=ema_decay, hard_fraction=hard_fraction, hard_selection=hard_selection, tta=tta, val_size=val_size,
+        train_size=train_size, seed=seed, split_seed=split_seed, patience=patience,
         device=device, threads=threads, compile=compile_, channels_last=channels_last, precision=precision, out=out,
         augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
         labelled=labelled, labelled_per_class=labelled_per_class, unlabelled=unlabelled,

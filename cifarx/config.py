@@ -21,6 +21,7 @@ AUGMENTATIONS = ("crop", "flip", "alternating-flip", "cutout", "rotate", "autoau
 TTA_MODES = ("none", "flip", "flip-translate")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")  # cached prefix activations (prefix_cache.py)
 PRECISIONS = ("float32", "bfloat16")  # the training step's forward pass
+HARD_SELECTIONS = ("scored", "remembered")  # how --hard-fraction finds the hard images (batches.py)
 HARD_EXAMPLE_OBJECTIVES = ("supervised", "ensemble")  # whose loss is the cross-entropy of the logits of labelled images
 TRANSLATE_MODES = ("reflect", "constant")  # the padding modes both torch.nn.functional.pad and torchvision's RandomCrop know
 # semi-supervised recipes: `--method X` is the preset SSL_METHODS[X]. vae-ssl: "deep-" ones have the TP3 CNN as
@@ -70,6 +71,10 @@ class TrainConfig:
     # them by their cross-entropy in eval mode without gradients, and trains on the batch_size hardest, so the
     # backward pass is spent where the loss is; an epoch is hard_fraction as many steps. 1 = off
     hard_fraction: float = 1.0
+    # how the hard images are found: "scored" (the pool above, a forward pass each step) or "remembered": each epoch
+    # trains on the hard_fraction of images whose loss, remembered from the last step that trained them, is highest
+    # (never trained = highest, ties random), so an epoch costs hard_fraction of a full one and scores nothing
+    hard_selection: str = "scored"
     # optimiser
     optimizer: str = "adam"
     lr: float = 1e-3  # peak learning rate
@@ -160,7 +165,7 @@ class TrainConfig:
         if self.weight_decay < 0 or self.patience < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
             raise CifarxError("weight decay and patience must be >= 0; label smoothing and EMA decay in [0, 1)")
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "tta": TTA_MODES, "translate_mode": TRANSLATE_MODES,
-                   "cache_dtype": CACHE_DTYPES, "precision": PRECISIONS}
+                   "cache_dtype": CACHE_DTYPES, "precision": PRECISIONS, "hard_selection": HARD_SELECTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CifarxError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
@@ -230,6 +235,9 @@ class TrainConfig:
         if (self.model == "ensemble") != (self.objective == "ensemble"):
             raise CifarxError("an ensemble trains each member on its own loss: give --model ensemble with "
                               "--set objective=ensemble (or --preset fast-ensemble), and that objective only to an ensemble")
+        if self.hard_selection == "remembered" and self.hard_fraction < 1 and self.labelled_fraction:
+            raise CifarxError("--hard-selection remembered picks an epoch's images by their loss; labelled_fraction "
+                              "fixes each batch's labelled share instead: drop one")
         if self.labelled_fraction is not None and not 0 < self.labelled_fraction < 1:
             raise CifarxError(f"labelled_fraction must be in (0, 1), got {self.labelled_fraction}")
 

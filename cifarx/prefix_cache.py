@@ -229,16 +229,19 @@ class PrefixInputs:
         """The step model (or the EMA's validation model) that takes activations instead of images."""
         return FromPrefix(model)
 
-    def training_batches(self, config, epoch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def training_batches(self, config, epoch: int, device: torch.device,
+                         index_batches: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's (activations, labels) batches, deterministic in (seed, epoch): a shuffled order (the image
-        batches' stream), per sample its plain or flipped copy (the augmentation stream), with `crop` a translation
-        and with `cutout` a zeroed square (a stream each, so a run without one draws the same batches as before)."""
+        batches' stream; or `index_batches` as given), per sample its plain or flipped copy (the augmentation
+        stream), with `crop` a translation and with `cutout` a zeroed square (a stream each, so a run without one draws the same batches as before)."""
         order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
         flips = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 1))
         shifts = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 4))
         holes = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 5))
         copy = torch.randint(self.train.shape[1], (len(self.train),), generator=flips)
-        for index in datamod.iterate_batches(len(self.train), drawn_batch_size(config), order, drop_last=True):
+        if index_batches is None:
+            index_batches = datamod.iterate_batches(len(self.train), drawn_batch_size(config), order, drop_last=True)
+        for index in index_batches:
             activations = self.train[index, copy[index]].to(device).float()
             if self.translate_cells:
                 activations = datamod.random_crop_flip_cutout(activations, shifts, pad=self.translate_cells, flip=False,

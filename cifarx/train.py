@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from cifarx import data as datamod
 from cifarx import distributed, self_training
 from cifarx import runfolder
-from cifarx.batches import (check_batches, drawn_batch_size, hardest, resolve_device, split_train_val, stream_seed,
-                             training_batches)
+from cifarx.batches import (check_batches, drawn_batch_size, hardest, picked_batches, remembered_pick,
+                             remembers_losses, resolve_device, scores_each_step, split_train_val, steps_per_epoch,
+                             stream_seed, training_batches)
 from cifarx.checkpoint import load_initial_weights, load_weights, read_checkpoint, save_checkpoint
 from cifarx.config import TrainConfig, resumed_config
 from cifarx.errors import CifarxError, TrainingInterrupted
@@ -102,9 +103,9 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     optimizer = build_optimizer(model, config)
     _check_whitening_bias(model, config, ranks)
     _check_progressive_sizes(model, config)
-    steps_per_epoch = len(train_set) // drawn_batch_size(config)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = build_scheduler(optimizer, steps_per_epoch, config)
+    epoch_steps = steps_per_epoch(len(train_set), config)
+    total_steps = epoch_steps * config.epochs
+    scheduler = build_scheduler(optimizer, epoch_steps, config)
     ema = None
     if config.ema_decay:
         from timm.utils import ModelEmaV3
@@ -114,6 +115,11 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     state = RunState() if payload is None else _restore(payload, model, optimizer, scheduler, ema, lookahead,
                                                           objective_state, config)
     state.train_images, state.val_images = len(train_set), len(val_set)
+    if remembers_losses(config):
+        if ranks.world_size > 1:
+            raise CifarxError("--hard-selection remembered keeps the losses in one process; drop --nproc or use scored")
+        if state.remembered_losses is None:
+            state.remembered_losses = torch.full((len(train_set),), math.inf)
     prefix = None
     if config.cached_features:  # the frozen prefix's activations once per image; the loop trains the rest on them
         if ranks.world_size > 1:
@@ -160,17 +166,22 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 model.training_resize_to = progressive_size(epoch, config, model.resize_to)
                 if epoch == 0 or progressive_size(epoch - 1, config, model.resize_to) != model.training_resize_to:
                     reporter.message(f"progressive resizing: training at {model.training_resize_to} px from epoch {epoch + 1}")
-            reporter.start_epoch(epoch, config.epochs, steps_per_epoch)
+            reporter.start_epoch(epoch, config.epochs, epoch_steps)
             skip = state.step_in_epoch
             if skip == 0:
                 torch.manual_seed(ranks.rank_seed(stream_seed(config.seed, epoch, 2)))
             epoch_start = time.perf_counter()
             data_start = time.perf_counter()
+            index_batches = None
+            if remembers_losses(config):
+                if skip == 0:
+                    state.picked = remembered_pick(state.remembered_losses, config, epoch)
+                index_batches = picked_batches(state.picked, config)
             if prefix is not None:
-                batches = prefix.training_batches(config, epoch, device)
+                batches = prefix.training_batches(config, epoch, device, index_batches)
             else:
                 batches = training_batches(train_set, config, epoch, device, images_on_device, ranks.rank,
-                                           ranks.world_size)
+                                           ranks.world_size, index_batches)
             for step, (images, labels) in enumerate(batches):
                 if step < skip:  # replaying a Ctrl-C checkpoint: advance the augmentation RNG, train nothing
                     if step == skip - 1:
@@ -180,11 +191,14 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 if config.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 state.partial["data_seconds"] += time.perf_counter() - data_start
-                if config.hard_fraction < 1:  # a rank keeps its share of the global batch_size
+                if scores_each_step(config):  # a rank keeps its share of the global batch_size
                     keep = round(len(labels) * config.batch_size / drawn_batch_size(config))
                     images, labels = hardest(step_model, images, labels, keep, forward_dtype)
                 with torch.autocast(device.type, dtype=forward_dtype, enabled=forward_dtype != torch.float32):
                     out = objective(step_model, images, labels)
+                if index_batches is not None:  # the forward pass's own loss, remembered for the next epochs' pick
+                    state.remembered_losses[index_batches[step]] = F.cross_entropy(
+                        out["logits"].detach().float(), labels, reduction="none").cpu()
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 optimizer.step()

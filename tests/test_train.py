@@ -5,7 +5,7 @@ import signal
 import pytest
 import torch
 
-from cifarx.batches import hardest
+from cifarx.batches import hardest, remembered_pick
 from cifarx.checkpoint import read_checkpoint
 from cifarx.config import TrainConfig, make_train_config
 from cifarx.errors import CifarxError, TrainingInterrupted
@@ -104,7 +104,7 @@ def test_early_stopping_stops(image_folder, tmp_path):
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("optimizer", "sgdx"),
                                          ("augment", ["flip", "alternating-flip"]), ("muon_momentum", 1.0),
                                          ("muon_lr", float("nan")), ("whiten_bias_epochs", -1),
-                                         ("hard_fraction", 0.0), ("hard_fraction", 1.5)])
+                                         ("hard_fraction", 0.0), ("hard_fraction", 1.5), ("hard_selection", "oracle")])
 def test_invalid_settings_are_refused(field, value):
     with pytest.raises(CifarxError):
         make_train_config(**{field: value})
@@ -235,6 +235,55 @@ def test_hard_fraction_steps_on_batch_size_images_picked_from_a_pool_of_batch_si
         make_train_config(hard_fraction=0.5, objective="fixmatch")
     with pytest.raises(CifarxError, match="the linear probe .* fits its head without that loop"):
         make_train_config(model="timm/resnet10t", model_kwargs={"freeze": "all"}, cached_features=True, hard_fraction=0.5)
+    with pytest.raises(CifarxError, match="remembered picks an epoch's images by their loss; labelled_fraction"):
+        make_train_config(hard_fraction=0.5, hard_selection="remembered", labelled_fraction=0.5)
+
+
+def test_remembered_pick_takes_the_highest_remembered_losses_and_breaks_ties_at_random():
+    config = make_train_config(hard_fraction=0.25, hard_selection="remembered", seed=3)
+    losses = torch.tensor([0.1, 2.0, 0.3, 5.0, 0.2, 0.4, 1.0, 0.0])
+    assert sorted(remembered_pick(losses, config, epoch=0).tolist()) == [1, 3]
+    never_trained = torch.full((1000,), float("inf"))
+    firsts = [remembered_pick(never_trained, config, epoch) for epoch in (0, 1)]
+    assert all(len(set(pick.tolist())) == 250 for pick in firsts)
+    assert not torch.equal(firsts[0].sort().values, firsts[1].sort().values)  # not the lowest indices every time
+    assert torch.equal(remembered_pick(never_trained, config, 0), firsts[0])  # fixed by (seed, epoch)
+
+
+def test_remembered_selection_goes_round_every_image_then_trains_where_the_remembered_loss_is_highest(
+        image_folder, tmp_path, monkeypatch):
+    import cifarx.train as loop
+
+    picks = []
+
+    def recording(losses, config, epoch):
+        picked = remembered_pick(losses, config, epoch)
+        picks.append((losses.clone(), picked))
+        return picked
+
+    monkeypatch.setattr(loop, "remembered_pick", recording)
+    config = tiny_config(image_folder, tmp_path / "run", epochs=3, hard_fraction=0.5, hard_selection="remembered")
+    summary = train(config)
+    state = read_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["run"]
+    half = summary["train_images"] // 2
+    assert state["global_step"] == 3 * (half // 16)  # half the images an epoch, nothing scored
+    (first_losses, first), (second_losses, second), (third_losses, third) = picks
+    assert first_losses.isinf().all() and len(first) == half
+    trained = first[: half - half % 16]  # the whole batches of the pick trained, and only they got a loss
+    assert second_losses[trained].isfinite().all() and (second_losses.isfinite().sum() == len(trained))
+    assert second_losses[second].isinf().all()  # never-trained images come first
+    assert torch.equal(third.sort().values, third_losses.topk(half).indices.sort().values)
+    assert state["remembered_losses"].isfinite().sum() > len(trained)  # kept in last.pt for --resume
+
+
+def test_remembered_selection_resumes_from_ctrl_c_like_an_uninterrupted_run(image_folder, tmp_path):
+    settings = dict(epochs=3, hard_fraction=0.5, hard_selection="remembered")
+    reference = train(tiny_config(image_folder, tmp_path / "ref", **settings))
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_config(image_folder, tmp_path / "cut", **settings), reporter=InterruptAt(3))  # mid epoch 2
+    resumed = train(resume=tmp_path / "cut")
+    assert resumed["final_val_accuracy"] == reference["final_val_accuracy"]
+    assert_same_weights(final_weights(tmp_path / "cut"), final_weights(tmp_path / "ref"))
 
 
 def test_unknown_precision_is_one_clear_line(image_folder, tmp_path):
