@@ -233,7 +233,8 @@ class PrefixInputs:
                          index_batches: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's (activations, labels) batches, deterministic in (seed, epoch): a shuffled order (the image
         batches' stream; or `index_batches` as given), per sample its plain or flipped copy (the augmentation
-        stream), with `crop` a translation and with `cutout` a zeroed square (a stream each, so a run without one draws the same batches as before)."""
+        stream), with `crop` a translation and with `cutout` a zeroed square (a stream each, so a run without one
+        draws the same batches as before)."""
         order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
         flips = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 1))
         shifts = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 4))

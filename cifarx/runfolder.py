@@ -59,11 +59,11 @@ class RunState:
     # global torch RNG at step_in_epoch (dropout, stochastic depth...); one row per rank under torchrun
     rng_state: "torch.Tensor | None" = None  # noqa: F821  (torch is not imported here: the CLI reads runs without it)
     train_images: int = 0  # so an unfinished run's card can say what it was trained on
+    val_images: int = 0
     # --hard-selection remembered: each training image's loss at the last step that trained it (+inf = not yet), and
     # the images the epoch in progress picked from them (kept so a Ctrl-C resume replays the same batches)
     remembered_losses: "torch.Tensor | None" = None  # noqa: F821
     picked: "torch.Tensor | None" = None  # noqa: F821
-    val_images: int = 0
 
 
 def check_new_run_folder(run_dir: Path) -> None:
