@@ -160,11 +160,12 @@ def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: in
     rank::world_size of each, so the ranks' shards are disjoint and together are what one process trains on.
     """
     order = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 0))
+    batches = index_batches
+    if batches is None:
+        batches = datamod.iterate_batches(len(train_set), drawn_batch_size(config), order, drop_last=True)
     if uses_dataloader(config):
         # Each rank loads only its rows; per-image transforms use the rank's own random stream.
-        if index_batches is None:
-            index_batches = datamod.iterate_batches(len(train_set), drawn_batch_size(config), order, drop_last=True)
-        shards = [index[rank::world_size].tolist() for index in index_batches]
+        shards = [index[rank::world_size].tolist() for index in batches]
         worker_seeds = torch.Generator().manual_seed(distributed.rank_seed(stream_seed(config.seed, epoch, 1), rank))
         loader = torch.utils.data.DataLoader(
             _TransformedImages(train_set, _torchvision_transform(config)), batch_sampler=shards,
@@ -177,9 +178,6 @@ def training_batches(train_set: datamod.ImageSet, config: TrainConfig, epoch: in
     augment = torch.Generator().manual_seed(stream_seed(config.seed, epoch, 1))
     flips = alternating_flips(len(train_set), config.seed, epoch) if "alternating-flip" in config.augment else None
     labels_on_device = train_set.labels.to(device)
-    batches = index_batches
-    if batches is None:
-        batches = datamod.iterate_batches(len(train_set), drawn_batch_size(config), order, drop_last=True)
     if config.labelled_fraction and (train_set.labels == datamod.UNLABELLED).any():
         # Semi-supervised: the same number of steps, each batch with a fixed share of (oversampled) labelled images.
         drawn = drawn_batch_size(config)
