@@ -13,18 +13,17 @@ untimed warm-up run per model.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import numpy as np
 
-from cifarx.browser import open_report
-from cifarx.evaluate import measure_latency
+from cifarx.report.browser import open_report
+from cifarx.runtimes.measuring import measure_latency
 from cifarx.io import atomic_write_json
-from cifarx.onnxfile import create_session, model_info
-from cifarx.predict import load_images, predict
-from cifarx.report import build_report, find_samples
+from cifarx.runtimes.onnxfile import create_session, model_info
+from cifarx.runtimes.predict import load_images, predict
+from cifarx.report.site import build_report, find_samples
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch
 
 from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
 
-from cifarx.checkpoint import load_model
+from cifarx.training.checkpoint import load_model
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """Each member of an `ensemble` run alone and together, on the run's own validation split: how much the mean of
-the members adds, and how often two members disagree (docs/benchmarks.md, issue 18).
+the members adds, and how often two members disagree (docs/experiments/fast-flagship.md).
 
     python benchmarks/ensemble_members.py runs/fast-ensemble-seed1 --threads 2
     python benchmarks/ensemble_members.py runs/lite-pair --data DIR   # made by `cifarx combine`
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from cifarx import data as datamod
-from cifarx.batches import recorded_split, validation_split
-from cifarx.checkpoint import load_model
+from cifarx.data import datasets as datamod
+from cifarx.data.split import ValidationSplit
+from cifarx.training.checkpoint import load_model
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     config = payload["config"]
     data = args.data or config["data"]
     full = datamod.load_split(data, "train", config.get("data_root"))
-    val_set = full.subset(validation_split(full.labels, *recorded_split(config), data)[1])
+    val_set = ValidationSplit.of_run(config).held_out(full, data)
     images = datamod.to_float(val_set.images)
     with torch.no_grad():
         logits = torch.cat([model.eval()(batch, members=True) for batch in images.split(200)], 1)

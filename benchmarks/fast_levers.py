@@ -1,4 +1,4 @@
-"""airbench's remaining levers, one at a time, on `--preset fast` (issue 18): each lever is an option of the one
+"""airbench's remaining levers, one at a time, on `--preset fast`: each lever is an option of the one
 training loop, switched on alone over the preset (and all together), over one or more seeds, 45k/5k.
 
     baseline          the preset with every lever off
@@ -15,7 +15,7 @@ training loop, switched on alone over the preset (and all together), over one or
     wide-8-epochs     airbench95's widths 128/384/384 (603 MFLOPs an image against 236) for the epochs the 1,800 s
                       budget holds if time scales with FLOPs, warm-up 23%
     wide              the same widths for the preset's 15 epochs: 1,774 s with --precision bfloat16 on an AMX CPU,
-                      whose bfloat16 step runs 3x its float32 one (docs/benchmarks.md, session 14)
+                      whose bfloat16 step runs 3x its float32 one (docs/experiments/fast-flagship.md)
 
 --precision bfloat16 runs the chosen levers with the training forward pass autocast to bfloat16 (`cifarx train
 --precision`), in folders <lever>-bfloat16-seed<S>: on a CPU with AMX tiles fast's epochs take a half to a third
@@ -45,11 +45,11 @@ from pathlib import Path
 
 from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
 
-from cifarx.cli import RichReporter
-from cifarx.config import PRECISIONS, load_preset, make_train_config
+from cifarx.cli.main import RichReporter
+from cifarx.training.config import PRECISIONS, load_preset, make_train_config
 from cifarx.io import atomic_write_json, atomic_write_text
 from cifarx.process import keep_freed_memory
-from cifarx.train import train
+from cifarx.training.run import train
 
 # airbench94's batch and this preset's lr for it (its per-example lr on the mean loss); batch-512 halves both
 AIRBENCH94_BATCH = {"batch_size": 1024, "lr": 1.5}

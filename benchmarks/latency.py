@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from cifarx.errors import CifarxError
-from cifarx.evaluate import evaluate_onnx, load_torch_reference
+from cifarx.measure.evaluate import evaluate_onnx, load_torch_reference
 from cifarx.io import atomic_write_json
-from cifarx.onnxfile import create_session, model_info
-from cifarx.quantize import compare_int8, quantize_onnx
+from cifarx.runtimes.onnxfile import create_session, model_info
+from cifarx.deploy.quantize import compare_int8, quantize_onnx
 
 TARGETS = {"onnx_vs_torch_batch1": 2.0, "onnx_vs_torch_large_batch": 1.3, "int8_vs_fp32_large_batch": 2.5,
-           "int8_accuracy_drop_points": 0.5}  # issue 7
+           "int8_accuracy_drop_points": 0.5}  # the project's latency and int8 targets
 
 
 def matmul_peak_gflops(threads: int, size: int = 4096, repeats: int = 5) -> dict:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifarx.config import list_presets, make_train_config
+from cifarx.training.config import list_presets, make_train_config
 from cifarx.io import atomic_write_text
-from cifarx.registry import create_model, list_models
+from cifarx.models.registry import create_model, list_models
 
 DATA = "~/cifar10-jpeg"
 START, END = "<!-- model-table:start -->", "<!-- model-table:end -->"

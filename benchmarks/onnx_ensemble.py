@@ -25,9 +25,11 @@ import numpy as np
 
 from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
 
-from cifarx.evaluate import load_eval_images, predict_logits
+from cifarx.data.split import load_eval_images
+from cifarx.runtimes.measuring import predict_logits
+from cifarx.runtimes.onnxfile import recorded_val_split
 from cifarx.io import atomic_write_json
-from cifarx.onnxfile import create_session, model_info, recorded_val_split
+from cifarx.runtimes.onnxfile import create_session, model_info, recorded_val_split
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -73,7 +75,7 @@ def main() -> None:
     splits = {path: recorded_val_split(info) for path, info in infos.items()}
     if len({(s["val_size"], s["seed"]) for s in splits.values()}) != 1 or not splits[args.models[0]]["val_size"]:
         sys.exit(f"the files must record one and the same validation split, got {splits}")
-    images = load_eval_images(args.data, "val", infos[args.models[0]])
+    images = load_eval_images(args.data, "val", recorded_val_split(infos[args.models[0]]))
     logits, seconds = {}, {}
     for path in args.models:
         start = time.perf_counter()

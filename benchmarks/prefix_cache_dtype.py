@@ -18,11 +18,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from cifarx import data as datamod
-from cifarx.batches import validation_split
-from cifarx.models.transfer import LITE0_PACKAGE, create_timm_classifier
-from cifarx.config import CACHE_DTYPES
-from cifarx.prefix_cache import FromPrefix, compute_prefix
+from cifarx.data import datasets as datamod
+from cifarx.data.split import ValidationSplit
+from cifarx.models.transfer import WEIGHTS_PACKAGES, create_timm_classifier
+from cifarx.training.config import CACHE_DTYPES
+from cifarx.training.prefix_cache import FromPrefix, compute_prefix
 
 
 def main() -> None:
@@ -41,12 +41,12 @@ def main() -> None:
             if i.name.startswith("model.backbone.classifier.")}
     split = json.loads(metadata["val_split"])
     model = create_timm_classifier(metadata["model_name"].removeprefix("timm/"), num_classes=len(head[
-        "model.backbone.classifier.bias"]), img_size=int(metadata["resize_to"]), weights=LITE0_PACKAGE,
+        "model.backbone.classifier.bias"]), img_size=int(metadata["resize_to"]), weights=WEIGHTS_PACKAGES[0].name,
         freeze=args.freeze).eval()
     model.get_classifier().weight.data.copy_(head["model.backbone.classifier.weight"])
     model.get_classifier().bias.data.copy_(head["model.backbone.classifier.bias"])
     full = datamod.load_split(args.data, "train")
-    _, val_index = validation_split(full.labels, split["val_size"], split["seed"], args.data)
+    _, val_index = ValidationSplit(split["val_size"], split["seed"]).indices(full.labels, args.data)
     images, labels = full.images[val_index[: args.images]], full.labels[val_index[: args.images]]
     start = time.perf_counter()
     with torch.no_grad():

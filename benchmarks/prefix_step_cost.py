@@ -21,7 +21,7 @@ import torch
 from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
 
 from cifarx.models.transfer import WEIGHTS_PACKAGES, create_timm_classifier
-from cifarx.prefix_cache import FromPrefix
+from cifarx.training.prefix_cache import FromPrefix
 
 
 def cpu_ms_per_image(step, batch: int, repeats: int = 3) -> float:

@@ -1,4 +1,4 @@
-"""How trustworthy a semi-supervised run's pseudo-labels are (issue 6): the share of validation images whose
+"""How trustworthy a semi-supervised run's pseudo-labels are: the share of validation images whose
 predicted class is at least THRESHOLD sure, and the accuracy of those confident predictions.
 
 FixMatch trains on exactly those predictions, so a low share or a low accuracy says why the consistency term adds
@@ -15,10 +15,10 @@ import argparse
 
 import torch
 
-from cifarx.checkpoint import load_model
-from cifarx.config import TrainConfig
-from cifarx.data import to_float
-from cifarx.batches import split_train_val
+from cifarx.training.checkpoint import load_model
+from cifarx.training.config import TrainConfig
+from cifarx.data.datasets import to_float
+from cifarx.training.batches import split_train_val
 
 
 def confidence_report(run: str, threshold: float, raw_weights: bool = False) -> dict:

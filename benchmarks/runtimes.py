@@ -9,6 +9,8 @@
 3. The compare matrix (`cifarx compare`): every `exported/*.onnx` plus the int8 files on every runtime, same
    images and threads. Models with a held-out validation split are scored on `--images` images of it; models
    without one (fast: trained on all 50,000) are compared on real training images for agreement only.
+4. The fastest runtime per model at each batch size, as a ratio to ONNX Runtime CPU in the same run, and the
+   accuracy-latency chart (docs/runtimes-accuracy-latency.png: one point per model x runtime, Pareto front marked).
 Writes benchmarks/results/runtimes.json and prints markdown for docs/benchmarks.md.
 """
 
@@ -23,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarx import data as datamod
-from cifarx.compare import compare_runtimes
-from cifarx.evaluate import measure_latency
+from cifarx.data import datasets as datamod
+from cifarx.measure.compare import compare_runtimes, save_accuracy_latency_png
 from cifarx.io import atomic_write_json
-from cifarx.onnxfile import create_session, model_info
+from cifarx.runtimes.onnxfile import create_session, model_info
 from cifarx.process import cpu_description
-from cifarx.quantize import INT8_ISA, cpu_int8_isa, op_profile, quantize_onnx
-from cifarx.runtimes import RUNTIMES, agreement, batched_outputs
+from cifarx.deploy.quantize import INT8_ISA, cpu_int8_isa, op_profile, quantize_onnx
+from cifarx.runtimes.measuring import batched_outputs, compare_outputs, measure_latency
+from cifarx.runtimes.table import RUNTIMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +59,7 @@ def int8_report(fp32: Path, int8: Path, images: np.ndarray, batch_sizes: list[in
         "latency": latency,
         "speedup": {str(b): round(latency["int8"][str(b)]["images_per_s"] / latency["fp32"][str(b)]["images_per_s"], 3)
                     for b in batch_sizes},
-        "agreement": agreement(outputs["fp32"], outputs["int8"]),
+        "agreement": compare_outputs(outputs["fp32"], outputs["int8"]),
         "op_profile": {name: op_profile(path, images, max(batch_sizes), threads) for name, path in (("fp32", fp32), ("int8", int8))},
         "quantization": json.loads(infos["int8"]["metadata"]["quantization"]),
     }
@@ -72,7 +74,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,256")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma list (default: every row of the table)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per runtime and model, conversion included")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/runtimes.json")
+    parser.add_argument("--chart", type=Path, default=ROOT / "docs/runtimes-accuracy-latency.png")
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     result = {"command": shlex.join(["python", "benchmarks/runtimes.py", *sys.argv[1:]]), **cpu_flags()}
@@ -91,36 +96,67 @@ def main() -> None:
             print(f"int8 {stem}: speedup {result['int8'][stem]['speedup']}", flush=True)
         files = [*args.models, *int8_files]
         held_out = [path for path in files if has_val_split(path)]
-        common = {"batch_sizes": batch_sizes, "threads": args.threads, "repeats": args.repeats, "warmup": 3}
-        rows = compare_runtimes(held_out, list(RUNTIMES), data=args.data, split="val", image_count=args.images, **common)["rows"]
+        runtimes = args.runtimes.split(",")
+        common = {"batch_sizes": batch_sizes, "threads": args.threads, "repeats": args.repeats, "warmup": 3,
+                  "timeout": args.timeout}
+        matrix = compare_runtimes(held_out, runtimes, data=args.data, split="val", image_count=args.images, **common)
+        rows = matrix["rows"]
         others = [path for path in files if path not in held_out]
         if others:  # agreement on real (training) images: no accuracy for a model that saw them all
-            rows += compare_runtimes(others, list(RUNTIMES), images=training_images, image_count=None, **common)["rows"]
+            rows += compare_runtimes(others, runtimes, images=training_images, image_count=None, **common)["rows"]
+    save_accuracy_latency_png({**matrix, "rows": [row for row in rows if "accuracy" in row]}, args.chart)
     for row in rows:
         row["model"] = Path(row["model"]).name
     result["compare"] = rows
+    result["fastest"] = fastest_per_model(rows, batch_sizes)
     atomic_write_json(args.out, result)
     print_markdown(result, batch_sizes)
 
 
+def fastest_per_model(rows: list[dict], batch_sizes: list[int]) -> dict:
+    """Per model (fp32 and int8 files apart) and batch size: the runtime with the most images/s among those that
+    agree with ONNX Runtime CPU on at least 99.9% of the images, and its ratio to ONNX Runtime CPU."""
+    fastest = {}
+    for key in dict.fromkeys((row["model"], row["precision"]) for row in rows):
+        ok = [row for row in rows if (row["model"], row["precision"]) == key and row["status"] == "ok"
+              and row["agreement"]["top1_agreement"] >= 0.999]
+        reference = next((row for row in ok if row["runtime"] == "onnxruntime"), None)
+        if reference is None:
+            continue
+        for batch in map(str, batch_sizes):
+            best = max(ok, key=lambda row: row["latency"][batch]["images_per_s"])
+            fastest.setdefault(f"{key[0]} ({key[1]})", {})[batch] = {
+                "runtime": best["runtime"], "images_per_s": best["latency"][batch]["images_per_s"],
+                "vs_onnxruntime": round(best["latency"][batch]["images_per_s"]
+                                        / reference["latency"][batch]["images_per_s"], 2)}
+    return fastest
+
+
 def print_markdown(result: dict, batch_sizes: list[int]) -> None:
     print(f"\nCPU: {result['cpu']}; ISA flags: {', '.join(result['isa_flags'])}; int8: {result['int8_isa']}\n")
-    header = "| model | runtime | accuracy | top-1 agreement | max abs delta p | " + " | ".join(
+    header = "| model | runtime | convert s | size MB | accuracy | top-1 agreement | max abs delta p | " + " | ".join(
         f"batch {b} p50 ms | batch {b} images/s" for b in batch_sizes) + " |"
     print(header)
-    print("|" + "---|" * (5 + 2 * len(batch_sizes)))
+    print("|" + "---|" * (7 + 2 * len(batch_sizes)))
     for row in result["compare"]:
         name = f"{row['model']} ({row['precision']})"
         runtime = f"{row['runtime']} {row.get('version') or ''}"
+        converted = [f"{row['convert_seconds']:.1f}" if "convert_seconds" in row else "-",
+                     f"{row['artifact_bytes'] / 1e6:.1f}" if "artifact_bytes" in row else "-"]
         if row["status"] != "ok":
-            print(f"| {name} | {runtime} | {row['status']} |" + " |" * (2 + 2 * len(batch_sizes)))
+            print(f"| {name} | {runtime} | " + " | ".join(converted) + f" | {row['status']} |" + " |" * (2 + 2 * len(batch_sizes)))
             continue
-        cells = [f"{row['accuracy']:.2%}" if "accuracy" in row else "(train images)",
+        cells = converted + [f"{row['accuracy']:.2%}" if "accuracy" in row else "(train images)",
                  f"{row['agreement']['top1_agreement']:.2%}", f"{row['agreement']['max_abs_probability_delta']:.1e}"]
         for b in batch_sizes:
             stats = row["latency"][str(b)]
             cells += [f"{stats['p50_ms']:.2f}", f"{stats['images_per_s']:.0f}"]
         print(f"| {name} | {runtime} | " + " | ".join(cells) + " |")
+    print("\n| model | " + " | ".join(f"fastest at batch {b} (x ONNX Runtime)" for b in batch_sizes) + " |")
+    print("|---|" + "---|" * len(batch_sizes))
+    for model, by_batch in result["fastest"].items():
+        print(f"| {model} | " + " | ".join(f"{by_batch[str(b)]['runtime']} {by_batch[str(b)]['vs_onnxruntime']:.2f}x"
+                                           for b in batch_sizes) + " |")
     for stem, report in result["int8"].items():
         q = report["quantization"]
         print(f"\nint8 {stem}: activations {q['activations']}, reduce_range {q['reduce_range']} ({q['advice_for_this_cpu']['why']}); "

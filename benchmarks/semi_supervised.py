@@ -1,7 +1,7 @@
 """What unlabelled images add: each semi-supervised method beside the supervised-only baseline of its network, with
-the same labelled images (issues 6 and 17), over one or more seeds.
+the same labelled images, over one or more seeds.
 
-Each method trains with its preset (`cifarx train --method M`, cifarx.config.SSL_METHODS) through the one training
+Each method trains with its preset (`cifarx train --method M`, cifarx.training.config.SSL_METHODS) through the one training
 loop; the table gives the best and final validation accuracy on the 5,000-image validation split (and with the
 preset's test-time augmentation), the training wall time, and mean +- std over the seeds. Smoke test:
 
@@ -23,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from cifarx.cli import RichReporter
-from cifarx.config import SSL_METHODS, make_train_config
+from cifarx.cli.main import RichReporter
+from cifarx.training.config import SSL_METHODS, make_train_config
 from cifarx.io import atomic_write_json, atomic_write_text
 from cifarx.process import keep_freed_memory
-from cifarx.train import train
+from cifarx.training.run import train
 
 
 def run_method(method: str, seed: int, args: argparse.Namespace) -> dict:

@@ -1,4 +1,4 @@
-"""Time-to-accuracy curves of finished runs (issue 18): validation accuracy after each epoch against the training
+"""Time-to-accuracy curves of finished runs: validation accuracy after each epoch against the training
 seconds spent so far (metrics.csv's cumulative `train_seconds`: training plus each epoch's validation), one curve
 per recipe, each seed a thin line and the mean over seeds a thick one; the best checkpoint's accuracy with the
 recipe's test-time augmentation is the marker at the end. Reference figures measured elsewhere (e.g. the airbench94

@@ -23,12 +23,12 @@ import time
 
 import torch
 
-from cifarx import data as datamod
-from cifarx.batches import split_train_val, training_batches
-from cifarx.config import make_train_config
-from cifarx.optimiser import build_optimizer
+from cifarx.data import datasets as datamod
+from cifarx.training.batches import split_train_val, training_batches
+from cifarx.training.config import make_train_config
+from cifarx.training.optimiser import build_optimizer
 from cifarx.process import keep_freed_memory, machine
-from cifarx.registry import create_model
+from cifarx.models.registry import create_model
 
 
 def timed_steps(model, optimizer, batches, steps, device, channels_last, label_smoothing, dtype=torch.float32):

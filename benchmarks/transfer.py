@@ -1,4 +1,4 @@
-"""The transfer-learning frontier (issue 16): EfficientNet-Lite0 and -Lite2 (offline ImageNet weights) on CIFAR-10, from
+"""The transfer-learning frontier: EfficientNet-Lite0 and -Lite2 (offline ImageNet weights) on CIFAR-10, from
 the linear probe to full fine-tuning, at a few image sizes: accuracy, training cost and inference cost in one table.
 
 Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the model):
@@ -20,8 +20,8 @@ Rows (--rows), each at every --sizes (the 32x32 images are upsampled inside the 
 
 Each row gives the best validation accuracy (5,000 images held out of train, seed 0; with --tta also the best
 checkpoint's with test-time augmentation), the training wall time and threads, and the latency of the exported best
-checkpoint on ONNX Runtime CPU at batch 1 and 256 (cifarx.export.export_onnx with its parity check, then
-cifarx.evaluate.evaluate_onnx on random pixels: latency does not depend on them). The CPU and its ISA flags are
+checkpoint on ONNX Runtime CPU at batch 1 and 256 (cifarx.deploy.export.export_onnx with its parity check, then
+cifarx.measure.evaluate.evaluate_onnx on random pixels: latency does not depend on them). The CPU and its ISA flags are
 recorded beside the rows.
 
 Rows run cheapest first (every linear row, then last1 ...), each in OUT/<model>-<row>-<size>/. A folder holding a
@@ -48,15 +48,15 @@ from pathlib import Path
 
 from runtimes import cpu_flags  # benchmarks/runtimes.py, beside this script
 
-from cifarx.cli import RichReporter
-from cifarx.config import TrainConfig, make_train_config
+from cifarx.cli.main import RichReporter
+from cifarx.training.config import TrainConfig, make_train_config
 from cifarx.errors import CifarxError
-from cifarx.evaluate import evaluate_onnx
-from cifarx.export import export_onnx
+from cifarx.measure.evaluate import evaluate_onnx
+from cifarx.deploy.export import export_onnx
 from cifarx.io import atomic_write_json, atomic_write_text
 from cifarx.process import keep_freed_memory
 from cifarx.models.transfer import WEIGHTS_PACKAGES
-from cifarx.train import train
+from cifarx.training.run import train
 
 # lite0 / lite2 -> (model, offline weights package)
 MODELS = {package.extra: (f"timm/{package.models[0]}", package.name) for package in WEIGHTS_PACKAGES}
@@ -70,7 +70,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def prefix_cache_available() -> bool:
-    """Whether this cifarx trains `--freeze N --cached-features` (issue 16 item 1: the cached prefix, `cache_dtype`)."""
+    """Whether this cifarx trains `--freeze N --cached-features` (the cached prefix, `cache_dtype`)."""
     return "cache_dtype" in {field.name for field in dataclasses.fields(TrainConfig)}
 
 
@@ -190,7 +190,7 @@ def run_row(model: str, row: str, img_size: int, args: argparse.Namespace) -> di
            "cutout": args.cutout_activations if row.startswith("last") else 0,
            "progressive_sizes": progressive_sizes(row, img_size, args), **loop_levers(row, args)}
     if row.startswith("last") and not prefix_cache_available():
-        reason = ("needs `--freeze N --cached-features` (the cached prefix of issue 16 item 1, branch `prefix`), "
+        reason = ("needs `--freeze N --cached-features` (the cached prefix), "
                   "which this cifarx does not have yet")
         print(f"== {model} {row} {img_size}px skipped: {reason}")
         return {**key, "skipped": reason}

@@ -1,3 +1,3 @@
-from cifarx.cli import main
+from cifarx.cli.main import main
 
 main()

@@ -57,7 +57,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(temporary, target)
     except OSError as error:
         temporary.unlink(missing_ok=True)
@@ -67,7 +67,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -107,3 +108,14 @@ def check_zip_checksums(path: str | os.PathLike) -> None:
         damaged = archive.testzip()
     if damaged is not None:
         raise CifarxError(f"{path} is damaged (checksum mismatch in {damaged.split('/')[-1]})")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks: how cards, metadata and reports name a file's content."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

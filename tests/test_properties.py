@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cifarx.checkpoint import read_checkpoint
-from cifarx.data import decode_image, load_split
+from cifarx.training.checkpoint import read_checkpoint
+from cifarx.data.datasets import decode_image, load_split
 from cifarx.errors import CifarxError
-from cifarx.predict import load_images, predict
+from cifarx.runtimes.predict import load_images, predict
 from tests.conftest import make_image_folder
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -191,8 +191,8 @@ ANY_NUMBER = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.intege
 @given(name=st.sampled_from(NUMERIC_SETTINGS), value=ANY_NUMBER,
        translate_mode=st.sampled_from(["reflect", "constant", "replicate", "bogus"]))
 def test_any_number_as_a_setting_is_refused_in_one_line_or_finite_and_usable(name, value, translate_mode):
-    from cifarx.config import make_train_config
-    from cifarx.data import random_crop_flip_cutout
+    from cifarx.training.config import make_train_config
+    from cifarx.data.datasets import random_crop_flip_cutout
 
     try:
         config = make_train_config(**{name: value, "translate_mode": translate_mode})
@@ -240,8 +240,8 @@ def exported_proto(trained_run):
 def test_any_metadata_value_gives_a_clean_error_or_a_valid_answer(trained_run, exported_proto, data):
     import onnx
 
-    from cifarx.evaluate import load_eval_images
-    from cifarx.onnxfile import create_session, model_info
+    from cifarx.data.split import load_eval_images
+    from cifarx.runtimes.onnxfile import create_session, model_info, recorded_val_split
 
     key = data.draw(st.sampled_from(sorted(METADATA_VALUES)))
     value = data.draw(METADATA_VALUES[key])
@@ -255,7 +255,7 @@ def test_any_metadata_value_gives_a_clean_error_or_a_valid_answer(trained_run, e
         onnx.save(model, str(path))
         try:
             results = predict(path, [image], top_k=10)
-            val_set = load_eval_images(str(trained_run["data"]), "val", model_info(create_session(path)))
+            val_set = load_eval_images(str(trained_run["data"]), "val", recorded_val_split(model_info(create_session(path))))
         except CifarxError as error:
             event(f"{key} refused")
             assert "\n" not in str(error)

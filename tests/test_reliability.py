@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-from cifarx.checkpoint import read_checkpoint
-from cifarx.config import make_train_config
+from cifarx.training.checkpoint import read_checkpoint
+from cifarx.training.config import make_train_config
 from cifarx.errors import CifarxError, TrainingInterrupted
-from cifarx.runfolder import SilentReporter
-from cifarx.train import train
+from cifarx.training.runfolder import SilentReporter
+from cifarx.training.run import train
 from tests.conftest import assert_one_line_error, make_image_folder, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,7 +309,7 @@ BAD_INPUT = {
     "train: resume nothing": (["train", "--resume", "{tmp}/r"], ["nothing to resume"]),
     "train: resume random bytes": (["train", "--resume", "{tmp}/random.pt"], ["not a readable cifarx checkpoint"]),
     "train: resume an inference checkpoint": (["train", "--resume", "{run}/best.pt"], ["no training state"]),
-    # issue 22: outputs that are not regular files
+    # outputs that are not regular files
     "eval: --json onto a FIFO": (["eval", "{onnx}", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1",
                                   "--json", "{tmp}/fifo"], ["not a regular file", "fifo"]),
     "eval: --json onto a folder": (["eval", "{onnx}", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1",
@@ -317,7 +317,7 @@ BAD_INPUT = {
     "export: output onto a character device": (["export", "{run}", "-o", "{tmp}/null.onnx", "--parity-images", "4"],
                                                ["not a regular file", "null.onnx"]),
     "quantize: output onto a FIFO": ([*quantize_args("{onnx}"), "-o", "{tmp}/fifo.onnx"], ["not a regular file"]),
-    # issue 22: numbers that are not finite or out of range, checked before the run folder is made
+    # numbers that are not finite or out of range, checked before the run folder is made
     "train: NaN weight decay": ([*TRAIN, "--weight-decay", "nan", "--out", "{tmp}/r"], ["--weight-decay", "nan"]),
     "train: infinite warm-up": ([*TRAIN, "--warmup-epochs", "inf", "--out", "{tmp}/r"], ["--warmup-epochs", "inf"]),
     "train: crop padding over the image": ([*TRAIN, "--set", "crop_padding=100", "--out", "{tmp}/r"], ["--crop-padding", "100"]),
@@ -335,7 +335,7 @@ BAD_INPUT = {
     "eval: validation split of 0 images": (["eval", "{onnx}", "--data", "{data}", "--split", "val", "--val-size", "0"],
                                            ["--val-size"]),
     "eval: batch size beyond memory": (["eval", "{onnx}", "--batch-sizes", "1000000000"], ["--batch-sizes", "memory"]),
-    # issue 22: export checks before it writes
+    # export checks before it writes
     "export: class names do not match the outputs": (["export", "{tmp}/three_names.pt", "-o", "{tmp}/out/x.onnx"],
                                                      ["3 class names", "4 outputs"]),
     "export: opset 0": (["export", "{run}", "-o", "{tmp}/out/x.onnx", "--opset", "0"], ["--opset"]),
@@ -343,12 +343,12 @@ BAD_INPUT = {
     "export: opset 99": (["export", "{run}", "-o", "{tmp}/out/x.onnx", "--opset", "99"], ["--opset"]),
     "export: --card with a missing --val-run": (["export", "{run}", "-o", "{tmp}/out/x.onnx", "--parity-images", "4",
                                                  "--card", "--val-run", "{tmp}/missing"], ["missing"]),
-    # issue 22: crafted checkpoints
+    # crafted checkpoints
     "export: checkpoint without its model": (["export", "{tmp}/no_model.pt", "-o", "{tmp}/out/x.onnx"], ["no_model.pt", "model"]),
     "export: model name that does not fit the weights": (["export", "{tmp}/other_model.pt", "-o", "{tmp}/out/x.onnx"],
                                                          ["other_model.pt", "do not fit", "fast"]),
     "train: resume with an unknown run-state field": (["train", "--resume", "{tmp}/odd_run"], ["tomorrow"]),
-    # issue 22: crafted ONNX metadata
+    # crafted ONNX metadata
     "predict: class_names null": (["predict", "{tmp}/names_null.onnx", "{image}"], ["class_names"]),
     "predict: class_names a number": (["predict", "{tmp}/names_number.onnx", "{image}"], ["class_names"]),
     "predict: class_names a dict": (["predict", "{tmp}/names_dict.onnx", "{image}"], ["class_names"]),
@@ -404,8 +404,8 @@ def test_model_giving_nan_is_refused_by_predict_not_printed_as_nan_percent(train
 
 
 def test_unknown_provider_is_refused_by_the_library_too(trained_run):
-    from cifarx.evaluate import evaluate_onnx
-    from cifarx.predict import predict
+    from cifarx.measure.evaluate import evaluate_onnx
+    from cifarx.runtimes.predict import predict
 
     image = trained_run["data"] / "test" / "cat" / "0000.png"
     with pytest.raises(CifarxError, match="unknown provider 'tpu'"):
@@ -447,6 +447,7 @@ def metric_rows(run_dir: Path) -> list[list[str]]:
     return [[row.split(",")[i] for i in keep] for row in rows]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     data = make_image_folder(tmp_path / "data", "train", per_class=32)  # 7 steps an epoch
     threads = torch.get_num_threads()
@@ -475,6 +476,7 @@ def test_kill_9_mid_training_then_resume_ends_like_an_uninterrupted_run(tmp_path
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
 
+@pytest.mark.slow
 def test_resume_rewrites_metrics_a_kill_left_one_epoch_behind(image_folder, tmp_path):
     # A kill after the last epoch's last.pt but before metrics.csv: the checkpoint knows the whole history.
     run_dir = tmp_path / "run"
@@ -505,6 +507,7 @@ def test_a_run_folder_in_use_is_refused_to_a_second_writer_in_one_line(tmp_path)
     assert read_checkpoint(run_dir / "last.pt")["config"]["epochs"] == 1000
 
 
+@pytest.mark.slow
 def test_kill_9_while_export_writes_leaves_the_old_file(trained_run, tmp_path):
     target = tmp_path / "model.onnx"
     old = trained_run["onnx"].read_bytes()
@@ -516,11 +519,12 @@ def test_kill_9_while_export_writes_leaves_the_old_file(trained_run, tmp_path):
     assert export.wait(timeout=30) == -signal.SIGKILL
     assert target.read_bytes() == old  # the file other programs read is never half of a new one
 
-    from cifarx.onnxfile import create_session, model_info
+    from cifarx.runtimes.onnxfile import create_session, model_info
 
     assert model_info(create_session(target))["class_names"][0] == "airplane"
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_first_export_leaves_no_onnx_file(trained_run, tmp_path):
     target = tmp_path / "model.onnx"
     export = cifarx_process("export", trained_run["run"], "-o", target, "--parity-images", "16")
@@ -561,7 +565,7 @@ def test_full_disk_during_training_keeps_the_last_good_checkpoint(image_folder, 
 
 
 def test_full_disk_for_the_image_cache_costs_only_a_warning(image_folder):
-    code = f"from cifarx.data import load_split; print(len(load_split({str(image_folder)!r}, 'train')))"
+    code = f"from cifarx.data.datasets import load_split; print(len(load_split({str(image_folder)!r}, 'train')))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900,
                           preexec_fn=file_size_limit(100_000))  # the 96-image cache is ~300 kB
     assert done.returncode == 0 and done.stdout.strip() == "96", done.stderr
@@ -598,8 +602,8 @@ def test_crafted_pickle_checkpoint_is_refused_without_running_it(tmp_path, comma
 
 
 def test_poisoned_image_cache_is_rebuilt_without_running_it(image_folder, tmp_path):
-    from cifarx import data
-    from cifarx.data import default_cache_dir
+    from cifarx.data import datasets as data
+    from cifarx.data.datasets import default_cache_dir
 
     first = data.load_split(str(image_folder), "train")
     (cache,) = default_cache_dir().glob("images-*.pt")
@@ -625,7 +629,6 @@ def test_damaged_checkpoint_is_refused_not_loaded(trained_run, tmp_path):
 
 def external_data_models(folder: Path) -> dict[str, Path]:
     """Models whose weights sit in external files: inside their folder (fine) and outside it (refused)."""
-    import onnx
     from onnx import helper
 
     (folder / "models").mkdir()
@@ -656,7 +659,7 @@ def test_onnx_external_data_outside_its_folder_is_refused(tmp_path, trained_run,
 
 
 def test_onnx_external_data_inside_its_folder_is_accepted(tmp_path):
-    from cifarx.onnxfile import check_model_file
+    from cifarx.runtimes.onnxfile import check_model_file
 
     path = external_data_models(tmp_path)["inside"]
     assert check_model_file(path) == path
@@ -671,7 +674,7 @@ def test_decompression_bomb_is_refused_by_predict(trained_run, tmp_path):
 def test_decompression_bomb_in_a_data_folder_is_skipped_with_a_warning(image_folder):
     from PIL import Image
 
-    from cifarx import data
+    from cifarx.data import datasets as data
 
     (image_folder / "train" / "cat" / "bomb.png").write_bytes(png_header(40_000, 40_000))
     with pytest.warns(UserWarning, match=r"bomb\.png.*DecompressionBomb"):
@@ -733,7 +736,7 @@ def test_every_row_of_docs_reliability_names_a_test_that_exists():
                            "test_every_row_of_docs_reliability_names_a_test_that_exists"} == set(), "tests missing from the page"
 
 
-# ---------------------------------------------------------------------------------------------- issue 22: one of each
+# ---------------------------------------------------------------------------------------------- one of each
 
 
 @pytest.mark.parametrize("kind", ["character device", "fifo", "folder"])
@@ -819,8 +822,8 @@ def test_eval_treats_nan_outputs_as_a_failure_not_as_ten_percent(tmp_path):
 def test_16_bit_png_is_scaled_not_clipped_alike_in_training_and_predict(trained_run, tmp_path):
     from PIL import Image
 
-    from cifarx.data import decode_image
-    from cifarx.predict import load_images
+    from cifarx.data.datasets import decode_image
+    from cifarx.runtimes.predict import load_images
 
     path = tmp_path / "deep.png"
     Image.fromarray(np.full((32, 32), 0x4000, np.uint16)).save(path)  # a quarter of the 16-bit range
@@ -832,8 +835,8 @@ def test_16_bit_png_is_scaled_not_clipped_alike_in_training_and_predict(trained_
 def test_gif_and_tiff_are_read_by_training_as_by_predict_and_other_files_are_named(image_folder):
     from PIL import Image
 
-    from cifarx import data
-    from cifarx.predict import load_images
+    from cifarx.data import datasets as data
+    from cifarx.runtimes.predict import load_images
 
     cat = image_folder / "train" / "cat"
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -848,7 +851,7 @@ def test_gif_and_tiff_are_read_by_training_as_by_predict_and_other_files_are_nam
 
 
 def test_non_utf8_file_names_load_and_class_folder_names_are_one_line(image_folder, tmp_path):
-    from cifarx import data
+    from cifarx.data import datasets as data
 
     cat = image_folder / "train" / "cat"
     os.rename(cat / "0000.png", os.fsencode(cat) + b"/caf\xe9.png")  # a Latin-1 file name
@@ -881,8 +884,8 @@ def test_text_that_looks_like_rich_markup_is_printed_as_it_is(tmp_path):
 
 
 def test_flipped_byte_in_the_image_cache_is_noticed_and_the_cache_rebuilt(image_folder):
-    from cifarx import data
-    from cifarx.data import default_cache_dir
+    from cifarx.data import datasets as data
+    from cifarx.data.datasets import default_cache_dir
 
     first = data.load_split(str(image_folder), "train")
     (cache,) = default_cache_dir().glob("images-*.pt")

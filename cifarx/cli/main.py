@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import typing
 import sys
 import warnings
 from pathlib import Path
@@ -17,9 +18,9 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from cifarx.config import PRECISIONS, SSL_METHODS
+from cifarx.training.config import SSL_METHODS
 from cifarx.errors import CifarxError, TrainingInterrupted
-from cifarx.runtimes import PROVIDERS, REFERENCE, RUNTIMES
+from cifarx.runtimes.table import PROVIDERS, REFERENCE, RUNTIMES
 
 console = Console()
 error_console = Console(stderr=True)
@@ -47,6 +48,10 @@ class CifarxGroup(click.Group):
             error_console.print("interrupted", highlight=False)
             sys.exit(130)
         sys.exit(0)
+
+
+def _wrote(path) -> None:
+    console.print(f"wrote {escape(str(path))}", highlight=False)
 
 
 def _fail(message: str) -> None:
@@ -172,48 +177,48 @@ class RichReporter:
                 self.pass_progress.stop()
 
 
+def _parse_names(ctx, param, value):
+    """'crop,flip' -> ['crop', 'flip']; '' -> []."""
+    return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _setting_option(item, hint):
+    """The named option of a TrainConfig setting, from its declaration (type, choices, help)."""
+    name, help_text, choices = f"--{item.name.replace('_', '-')}", item.metadata["help"], item.metadata["choices"]
+    default = item.default_factory() if callable(item.default_factory) else item.default
+    if default not in (None, [], ""):
+        help_text += f" [default: {','.join(map(str, default)) if isinstance(default, list) else default}]"
+    alternatives = [option for option in typing.get_args(hint) if option is not type(None)]
+    base = alternatives[0] if len(alternatives) == 1 else hint
+    if base is bool:
+        return click.option(f"{name}/--no-{name[2:]}", item.name, default=None, help=help_text)
+    if typing.get_origin(base) is list:
+        element = typing.get_args(base)[0]
+        listed = f" ({', '.join(choices)})" if choices else ""
+        return click.option(name, item.name, callback=_parse_sizes if element is int else _parse_names,
+                            help=help_text + listed)
+    if len(alternatives) > 1:  # int | str: a number or 'all'
+        return click.option(name, item.name, callback=_parse_unlabelled, help=help_text)
+    return click.option(name, item.name, type=click.Choice(choices) if choices else base, help=help_text)
+
+
+def train_setting_options(command):
+    """One named option per setting TrainConfig declares with `option=True`, in declaration order."""
+    from cifarx.training.config import TrainConfig, option_settings
+
+    hints = typing.get_type_hints(TrainConfig)
+    for item in reversed(option_settings()):
+        command = _setting_option(item, hints[item.name])(command)
+    return command
+
+
 @cli.command()
-@click.option("--preset", help="recipe file from cifarx/presets (see `cifarx models`); options below override it")
-@click.option("--model", help="registered model name, or timm/<name>")
-@click.option("--data", help="'cifar10' (torchvision download) or an image folder with train/<class>/...")
-@click.option("--data-root", help="download/cache folder for --data cifar10")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--lr", type=float, help="peak learning rate")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw", "rmsprop"]))
-@click.option("--weight-decay", type=float)
-@click.option("--schedule", type=click.Choice(["constant", "multistep", "cosine", "linear", "onecycle"]))
-@click.option("--warmup-epochs", type=float)
-@click.option("--label-smoothing", type=float)
-@click.option("--ema-decay", type=float, help="parameter EMA decay per step (0 = off)")
-@click.option("--hard-fraction", type=float, help="each step scores batch-size / F images by their loss (no "
-              "gradients) and trains on the batch-size hardest: fewer backward passes an epoch (1 = off)")
-@click.option("--hard-selection", type=click.Choice(["scored", "remembered"]), help="with --hard-fraction: score a "
-              "pool each step, or train each epoch on the F of images whose last training loss was highest (no scoring)")
-@click.option("--augment", help="comma list of crop,flip,alternating-flip,cutout,rotate,autoaugment,erasing ('' for none)")
-@click.option("--tta", type=click.Choice(["none", "flip", "flip-translate"]), help="test-time augmentation for the final validation")
-@click.option("--val-size", type=int, help="validation images carved from train (default 5000)")
-@click.option("--train-size", type=int, help="train on only this many images (stratified)")
-@click.option("--labelled", type=int, help="semi-supervised: labelled training images (stratified, fixed by --seed)")
-@click.option("--labelled-per-class", type=int, help="semi-supervised: exactly this many labelled images per class")
-@click.option("--unlabelled", callback=_parse_unlabelled, help="semi-supervised: images of the rest of train with "
-              "their labels hidden (a number, or 'all')")
+@click.option("--preset", help="recipe file from cifarx/training/presets (see `cifarx models`); options below override it")
 @click.option("--method", type=click.Choice(list(SSL_METHODS)), help="semi-supervised recipe: self-training "
               "rounds with the fast network (or its supervised-only baseline, fast-supervised); vae-ssl's M1, M2, M2 + "
               "FixMatch's consistency term, or its supervised-only baseline; deep-*: with the TP3 CNN as q(y|x) "
               "(= --preset vae-ssl-METHOD; --model vae-ssl alone means m2)")
-@click.option("--seed", type=int)
-@click.option("--split-seed", type=int, help="the seed that picks the --val-size images (default: --seed); one value "
-              "for runs of several seeds keeps one validation split, so `cifarx combine` can ensemble them")
-@click.option("--patience", type=int, help="early stopping after this many epochs without improvement (0 = off)")
-@click.option("--device", help="cpu, cuda or cuda:N")
-@click.option("--threads", type=int, help="torch intra-op threads")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model")
-@click.option("--channels-last/--no-channels-last", default=None)
-@click.option("--precision", type=click.Choice(PRECISIONS), help="the training step's forward pass "
-              "(bfloat16: torch.autocast; validation and export stay float32). bfloat16 trains fast 1.6-3x faster "
-              "on some CPUs (AMX, some AVX512-BF16), slower on others, EfficientNet slower: benchmarks/train_speed.py "
-              "measures both")
+@train_setting_options
 @click.option("--img-size", type=click.IntRange(8), help="timm/<name>: side the 32x32 images are upsampled to, inside the model")
 @click.option("--freeze", help="timm/<name>: all, none, or the number of trailing backbone stages to train")
 @click.option("--pretrained/--no-pretrained", default=None,
@@ -226,51 +231,25 @@ class RichReporter:
 @click.option("--freeze-depthwise/--no-freeze-depthwise", default=None,
               help="timm/<name>: keep every depthwise convolution's filters (the pointwise ones train; about 1.3x "
               "faster steps for EfficientNet-Lite's trained stages on a CPU)")
-@click.option("--backbone-lr-scale", type=float, help="timm/<name>: lr multiplier for the backbone (the head gets --lr)")
-@click.option("--cached-features", is_flag=True, default=None,
-              help="with --freeze all: backbone features once (cached), then the head alone; with --freeze N "
-              "(EfficientNet): the frozen stages' activations once per image and its flip (cached, --set "
-              "cache_dtype=float16), then the last N stages + head train on them")
-@click.option("--progressive-sizes", callback=_parse_sizes, help="timm/<name>: comma list of rising sizes the "
-              "training images are upsampled to in the run's first equal parts, before --img-size in the last "
-              "(progressive resizing)")
 @click.option("--model-arg", "model_args", multiple=True, callback=_parse_settings, help="KEY=VALUE passed to the model builder")
 @click.option("--set", "settings", multiple=True, callback=_parse_settings, help="KEY=VALUE for any other training setting")
-@click.option("--out", help="run folder (config, metrics, curves, checkpoints)")
 @click.option("--resume", type=click.Path(), help="continue the interrupted run in this folder")
-@click.option("--init-from", type=click.Path(), help="a new run starting from this checkpoint's weights (a run folder: "
-              "its best.pt), same model and classes, with this run's own settings (timm's --initial-checkpoint)")
 @click.option("--nproc", type=click.IntRange(1), help="train on N processes of this machine (DistributedDataParallel "
               "via torchrun; N GPUs with --device cuda); --batch-size stays the global batch (docs/distributed.md)")
-@click.option("--sync-bn/--no-sync-bn", default=None, help="distributed: BatchNorm statistics over the global batch")
-def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_epochs,
-          label_smoothing, ema_decay, hard_fraction, hard_selection, augment, tta, val_size, train_size, labelled, labelled_per_class, unlabelled, method,
-          seed, split_seed, patience, device, threads, compile_, channels_last, precision, model_args, settings, out, resume,
-          img_size, freeze, freeze_bn, freeze_depthwise, pretrained, weights, backbone_lr_scale, cached_features,
-          progressive_sizes, nproc, sync_bn, init_from):
+def train(preset, method, model_args, settings, resume, nproc, img_size, freeze, freeze_bn, freeze_depthwise,
+          pretrained, weights, **options):
     """Train a model; writes a run folder with checkpoints, metrics.csv and curves.png.
 
     Precedence: the preset < --set KEY=VALUE < the named options. --resume continues a run with its own settings;
     only --epochs (more of them) and the machine's (--device, --threads, --patience) may change."""
-    from cifarx.config import make_train_config, recipe_preset
-    from cifarx.distributed import check_batch_split, is_main_process, launch_training
+    from cifarx.training.config import make_train_config, recipe_preset
+    from cifarx.training.distributed import check_batch_split, is_main_process, launch_training
     from cifarx.process import keep_freed_memory
-    from cifarx.runfolder import unused_run_folder
-    from cifarx.train import train as run_training
+    from cifarx.training.runfolder import unused_run_folder
+    from cifarx.training.run import train as run_training
 
     console.quiet = not is_main_process()  # under torchrun, rank 0 alone prints progress and the summary
     keep_freed_memory()  # process-wide, before the first training step; DataLoader workers inherit it
-    options = dict(
-        model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        ema_decay=ema_decay, hard_fraction=hard_fraction, hard_selection=hard_selection, tta=tta, val_size=val_size,
-        train_size=train_size, seed=seed, split_seed=split_seed, patience=patience,
-        device=device, threads=threads, compile=compile_, channels_last=channels_last, precision=precision, out=out,
-        augment=None if augment is None else [a.strip() for a in augment.split(",") if a.strip()],
-        labelled=labelled, labelled_per_class=labelled_per_class, unlabelled=unlabelled,
-        backbone_lr_scale=backbone_lr_scale, cached_features=cached_features, sync_bn=sync_bn,
-        progressive_sizes=progressive_sizes, init_from=init_from,
-    )
     transfer_args = {k: v for k, v in dict(img_size=img_size, freeze=freeze, freeze_bn=freeze_bn,
                                            freeze_depthwise=freeze_depthwise,
                                            pretrained=pretrained, weights=weights).items() if v is not None}
@@ -282,10 +261,10 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
             return
         summary = run_training(resume=resume, reporter=RichReporter(), resume_options=given)
     else:
-        config = make_train_config(recipe_preset(preset, method, model), settings=settings,
+        config = make_train_config(recipe_preset(preset, method, options["model"]), settings=settings,
                                    model_args={**model_args, **transfer_args},
                                    command=click.get_current_context().obj["command"], **options)
-        if out is None and "out" not in settings and config.out == "runs/latest":
+        if options["out"] is None and "out" not in settings and config.out == "runs/latest":
             # No folder asked for: runs/<model>, or the next free runs/<model>-N, never one holding a run.
             config.out = str(unused_run_folder(Path("runs") / config.model.replace("/", "-")))
         if nproc:  # the settings were checked here, once; the ranks run this command without --nproc
@@ -318,16 +297,16 @@ def train(preset, model, data, data_root, epochs, batch_size, lr, optimizer, wei
 def export(checkpoint, output, opset, tta, fp16, data, data_root, parity_images, card, val_runs, card_note):
     """Export a run folder or checkpoint to ONNX, then check parity with PyTorch on real images."""
     _quiet_onnxruntime()
-    from cifarx.export import export_onnx
+    from cifarx.deploy.export import export_onnx
 
     if card:  # check first, write last: a missing --val-run must not leave the .onnx behind
-        from cifarx.card import check_card_inputs
+        from cifarx.deploy.card import check_card_inputs
 
         check_card_inputs(output, val_runs)
     report = export_onnx(checkpoint, output, opset=opset, tta=tta, fp16=fp16, data=data, data_root=data_root,
                          parity_count=parity_images)
     if card:
-        from cifarx.card import write_model_card
+        from cifarx.deploy.card import write_model_card
 
         written = write_model_card(checkpoint, output, report, val_runs, click.get_current_context().obj["command"],
                                    card_note)
@@ -352,7 +331,7 @@ def combine(runs, out, data, data_root, tta, threads):
     mean logits; measures it on the validation split. `cifarx export OUT` then ships it as one file."""
     import torch
 
-    from cifarx.combine import combine_runs
+    from cifarx.training.combine import combine_runs
 
     if threads:
         torch.set_num_threads(threads)
@@ -375,7 +354,8 @@ def combine(runs, out, data, data_root, tta, threads):
 @click.option("--val-size", type=click.IntRange(1), help="for --split val: default is the size recorded in the model")
 @click.option("--seed", type=int, help="for --split val: default is the seed recorded in the model")
 @click.option("--runtime", type=click.Choice(list(RUNTIMES)), default=REFERENCE, show_default=True,
-              help="openvino and opencv run on their CPU device in a child process, checked against ONNX Runtime CPU")
+              help="runtimes other than ONNX Runtime convert and run on their CPU device in a child process, checked "
+                   "against ONNX Runtime CPU")
 @click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True, help="ONNX Runtime's")
 @click.option("--device-id", type=int, default=0, show_default=True)
 @click.option("--cudnn-conv-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]))
@@ -398,7 +378,7 @@ def eval_(model_file, data, data_root, split, val_size, seed, runtime, provider,
     from rich.table import Table
     from rich.text import Text
 
-    from cifarx.evaluate import evaluate_onnx, save_confusion_png, save_latency_png
+    from cifarx.measure.evaluate import evaluate_onnx, save_confusion_png, save_latency_png
     from cifarx.io import atomic_write_json, check_writable
 
     for target in (json_path, plots and Path(plots) / "plot.png"):
@@ -443,14 +423,14 @@ def eval_(model_file, data, data_root, split, val_size, seed, runtime, provider,
     if plots and "confusion_matrix" in result:
         png = Path(plots) / f"{Path(model_file).stem}-confusion.png"
         save_confusion_png(result, png)
-        console.print(f"wrote {escape(str(png))}", highlight=False)
+        _wrote(png)
     if plots:
         png = Path(plots) / f"{Path(model_file).stem}-latency.png"
         save_latency_png(result, png)
-        console.print(f"wrote {escape(str(png))}", highlight=False)
+        _wrote(png)
     if json_path:
         atomic_write_json(json_path, result)
-        console.print(f"wrote {escape(json_path)}", highlight=False)
+        _wrote(json_path)
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -458,8 +438,9 @@ def eval_(model_file, data, data_root, split, val_size, seed, runtime, provider,
 
 @cli.command()
 @click.argument("model_files", nargs=-1, required=True, type=click.Path())
-@click.option("--runtimes", "runtime_list", default=",".join(RUNTIMES), show_default=True,
-              help="comma list; each model runs on each (OpenVINO and OpenCV in a child process)")
+@click.option("--runtimes", "runtime_list", default="all", show_default=True,
+              help=f"comma list of {', '.join(RUNTIMES)}, or all; each model runs on each (all but ONNX Runtime in a "
+                   "child process, converted first where the runtime has a format of its own)")
 @click.option("--batch-sizes", default="1,256", callback=_parse_int_list, show_default=True)
 @click.option("--data", help="image folder or 'cifar10': accuracy on --split too; without it, random pixels")
 @click.option("--data-root")
@@ -469,36 +450,42 @@ def eval_(model_file, data, data_root, split, val_size, seed, runtime, provider,
 @click.option("--threads", type=click.IntRange(1), help="intra-op threads for every runtime (default: each runtime's own)")
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
+              help="seconds a runtime in a child process may take (its conversion included) before it is a failed row")
 @click.option("--json", "json_path", type=click.Path(), help="write the matrix as JSON")
 @click.option("--png", "png_path", type=click.Path(), help="write latency and throughput per runtime and batch size")
+@click.option("--chart", "chart_path", type=click.Path(),
+              help="write accuracy against latency at the smallest batch, one point per model x runtime, Pareto front marked")
 def compare(model_files, runtime_list, batch_sizes, data, data_root, split, image_count, threads, warmup, repeats,
-            json_path, png_path):
+            timeout, json_path, png_path, chart_path):
     """Models x runtimes: does each file load, agree with ONNX Runtime CPU, and how fast does it run."""
     _quiet_onnxruntime()
     from pathlib import Path
 
     from rich.table import Table
 
-    from cifarx.compare import compare_runtimes, save_compare_png
+    from cifarx.measure.compare import compare_runtimes, save_accuracy_latency_png, save_compare_png
     from cifarx.io import atomic_write_json, check_writable
-    from cifarx.runtimes import parse_runtimes
+    from cifarx.runtimes.table import parse_runtimes
 
     runtimes = parse_runtimes(runtime_list)
-    for target in (json_path, png_path):
+    for target in (json_path, png_path, chart_path):
         if target:
             check_writable(target)
     result = compare_runtimes(list(model_files), runtimes, batch_sizes=batch_sizes, data=data, split=split,
                               image_count=image_count, data_root=data_root, threads=threads, warmup=warmup,
-                              repeats=repeats)
+                              repeats=repeats, timeout=timeout)
     table = Table(title=escape(f"{result['environment']['cpu']}, {threads or 'default'} threads"))
-    for column in ("model", "runtime", "accuracy", "top-1 agree", "max |Δp|"):
+    for column in ("model", "runtime", "convert s", "size MB", "accuracy", "top-1 agree", "max |Δp|"):
         table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
     for batch in batch_sizes:
         table.add_column(f"b{batch} p50 ms", justify="right")
         table.add_column(f"b{batch} img/s", justify="right")
     table.add_column("status")
     for row in result["rows"]:
-        cells = [escape(f"{Path(row['model']).name} {row['precision']}"), f"{row['runtime']} {row.get('version') or ''}"]
+        cells = [escape(f"{Path(row['model']).name} {row['precision']}"), f"{row['runtime']} {row.get('version') or ''}",
+                 f"{row['convert_seconds']:.1f}" if "convert_seconds" in row else "-",
+                 f"{row['artifact_bytes'] / 1e6:.1f}" if "artifact_bytes" in row else "-"]
         if row["status"] == "ok":
             cells += [f"{row['accuracy']:.2%}" if "accuracy" in row else "-",
                       f"{row['agreement']['top1_agreement']:.2%}", f"{row['agreement']['max_abs_probability_delta']:.1e}"]
@@ -514,10 +501,54 @@ def compare(model_files, runtime_list, batch_sizes, data, data_root, split, imag
         console.print(f"  {escape(device)}", highlight=False)
     if png_path:
         save_compare_png(result, png_path)
-        console.print(f"wrote {png_path}", highlight=False)
+        _wrote(png_path)
+    if chart_path:
+        save_accuracy_latency_png(result, chart_path)
+        _wrote(chart_path)
     if json_path:
         atomic_write_json(json_path, result)
-        console.print(f"wrote {json_path}", highlight=False)
+        _wrote(json_path)
+
+
+@cli.command()
+@click.argument("model_file", type=click.Path())
+@click.option("--note", required=True, help="the card's new note (what a reader should know about this model)")
+@click.option("--compared-with", help="the card's comparison with related shipped models")
+def card(model_file, note, compared_with):
+    """Rewrite the note of an exported file's model card (FILE.json and FILE.md); the ONNX file is untouched."""
+    from cifarx.deploy.card import rewrite_card_note
+
+    for path in rewrite_card_note(model_file, note, compared_with):
+        _wrote(path)
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+
+@cli.command()
+@click.argument("model_file", type=click.Path())
+@click.option("--to", "runtime_list", required=True,
+              help=f"comma list of runtimes, or all; those with a format of their own are converted ("
+                   f"{', '.join(name for name, row in RUNTIMES.items() if row.converter)})")
+@click.option("--out", "out_dir", type=click.Path(), help="folder for MODEL.RUNTIME/ [default: beside MODEL_FILE]")
+@click.option("--timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
+              help="seconds a converter may take before it is stopped")
+def convert(model_file, runtime_list, out_dir, timeout):
+    """Convert an exported ONNX file for the runtimes apps embed (ncnn, MNN, LiteRT, IREE, ...), each with a card."""
+    _quiet_onnxruntime()
+    from cifarx.deploy.convert import convert_onnx
+    from cifarx.runtimes.table import parse_runtimes
+
+    results = convert_onnx(model_file, parse_runtimes(runtime_list), out_dir, timeout)
+    for result in results:
+        if result["status"] == "ok":
+            console.print(f"{escape(result['runtime'])}: wrote {escape(result['folder'])} ({result['artifact_bytes'] / 1e6:.1f} MB, "
+                          f"{escape(str(result['converter']))} {escape(str(result['converter_version']))}, "
+                          f"{result['convert_seconds']:.1f} s)", highlight=False)
+        else:
+            console.print(f"{escape(result['runtime'])}: {escape(result['status'])}", highlight=False)
+    if any(result["status"].startswith("failed") for result in results):
+        sys.exit(1)  # a converter refused: its reason is printed above
 
 
 # ---------------------------------------------------------------------------------------------- quantize
@@ -554,7 +585,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
     from rich.table import Table
 
     from cifarx.io import atomic_write_json, check_writable
-    from cifarx.quantize import compare_int8, quantize_onnx
+    from cifarx.deploy.quantize import compare_int8, quantize_onnx
 
     for target in (output, json_path):  # both before the work: a failed --json must not leave the int8 file behind
         if target:
@@ -605,7 +636,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
                       f"{comparison['agreement']['top1_agreement']:.2%}, throughput {speedups}", highlight=False)
     if json_path:
         atomic_write_json(json_path, result)
-        console.print(f"wrote {escape(json_path)}", highlight=False)
+        _wrote(json_path)
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -620,7 +651,7 @@ def quantize(model_file, data, data_root, output, calibration_images, calibratio
 def predict(model_file, images, top_k, provider, as_json):
     """Top-k classes of image files, or of every image in a folder (no torch needed: onnxruntime, numpy, Pillow)."""
     _quiet_onnxruntime()
-    from cifarx.predict import predict as run_predict
+    from cifarx.runtimes.predict import predict as run_predict
 
     results = run_predict(model_file, list(images), top_k=top_k, provider=provider)
     if as_json:
@@ -642,11 +673,11 @@ def predict(model_file, images, top_k, provider, as_json):
 @click.option("--samples", type=click.Path(), help="images (or class subfolders of images) the page classifies on load")
 @click.option("--samples-per-class", type=click.IntRange(1), help="at most this many images per subfolder of --samples")
 @click.option("--ort-web", type=click.Path(), help="onnxruntime-web's dist folder (default: the `npm ci --prefix "
-              "cifarx/web` install)")
+              "cifarx/report/web` install)")
 def report(inputs, output, evals, samples, samples_per_class, ort_web):
     """A static site comparing .onnx files (or folders of them), with a live in-browser demo (onnxruntime-web)."""
     _quiet_onnxruntime()
-    from cifarx.report import build_report
+    from cifarx.report.site import build_report
 
     built = build_report(list(inputs), output, evals=list(evals), samples=samples, samples_per_class=samples_per_class,
                          ort_web=ort_web)
@@ -674,8 +705,8 @@ def models(pattern, timm_pattern):
         return
     import fnmatch
 
-    from cifarx.config import list_presets
-    from cifarx.registry import builtin_model_names
+    from cifarx.training.config import list_presets
+    from cifarx.models.registry import builtin_model_names
 
     names = [name for name in builtin_model_names() if fnmatch.fnmatch(name, pattern)]  # without importing torch
     console.print("[bold]models[/]: " + ", ".join(names), highlight=False)

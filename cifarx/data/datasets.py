@@ -17,9 +17,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from cifarx import images as imagemod
+from cifarx.data import images as imagemod
 from cifarx.errors import CifarxError
-from cifarx.images import IMAGE_SUFFIXES
+from cifarx.data.images import IMAGE_SUFFIXES
 from cifarx.io import atomic_torch_save, check_zip_checksums
 
 IMAGE_SIZE = 32
@@ -114,7 +114,7 @@ def _cache_key(folder: Path, files: list[tuple[Path, int]]) -> str:
 
 
 def decode_image(path: Path, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """One image file -> uint8 [3,size,size] RGB, decoded as predict decodes it (`cifarx.images.decode_image`)."""
+    """One image file -> uint8 [3,size,size] RGB, decoded as predict decodes it (`cifarx.data.images.decode_image`)."""
     return torch.from_numpy(imagemod.decode_image(path, size))
 
 

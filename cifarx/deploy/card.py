@@ -6,10 +6,10 @@ import json
 import statistics
 from pathlib import Path
 
-from cifarx.checkpoint import file_sha256, read_checkpoint, resolve_checkpoint
+from cifarx.training.checkpoint import read_checkpoint, resolve_checkpoint
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_write_json, atomic_write_text, check_writable
-from cifarx.runfolder import run_record
+from cifarx.io import atomic_write_json, atomic_write_text, check_writable, file_sha256
+from cifarx.training.runfolder import portable_command, run_record, train_command
 
 
 def _run_summary(run: str | Path) -> dict:
@@ -34,51 +34,6 @@ def validation_figures(runs: list[str | Path]) -> dict:
     values = [r[key] for r in rows]
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "measure": key, "runs": rows}
-
-
-DATA_OPTIONS = ("--data", "--data-root")  # where this machine keeps images: a placeholder on a card
-RUN_OPTIONS = ("--out", "--resume", "--val-run", "--compare-torch")  # run folders: runs/NAME, as `cifarx train` makes
-
-
-def portable_command(command: str, cwd: Path | None = None) -> str:
-    """A recorded command line that anyone can run: image folders become DIR, paths inside the current folder
-    become relative, other absolute paths keep their name (run folders under runs/)."""
-    import shlex
-
-    cwd = (cwd or Path.cwd()).resolve()
-    words = shlex.split(command)
-    for i in range(1, len(words)):
-        option, value = words[i - 1], words[i]
-        if option in DATA_OPTIONS:
-            words[i] = value if value == "cifar10" else "DIR"
-        elif Path(value).is_absolute() and not value.startswith("-"):
-            path = Path(value)
-            if path.is_relative_to(cwd):
-                words[i] = str(path.relative_to(cwd))
-            elif option in RUN_OPTIONS or (words[1] == "export" and i == 2) or (
-                    words[1] == "combine" and not option.startswith("-")):  # combine's run folders
-                words[i] = f"runs/{path.name}"
-            else:
-                words[i] = path.name
-    return shlex.join(words)
-
-
-def train_command(config: dict) -> str:
-    """The command line recorded by `cifarx train`; for runs started otherwise, one rebuilt from the settings."""
-    if config.get("command"):
-        return portable_command(config["command"])
-    import shlex
-
-    from cifarx.config import TrainConfig
-
-    defaults = TrainConfig().to_dict()
-    words = ["cifarx", "train"] + (["--preset", config["preset"]] if config.get("preset") else [])
-    for key, value in config.items():
-        if key in ("data", "data_root", "out") and value is not None:
-            words += [f"--{key.replace('_', '-')}", value]  # named, so portable_command can rewrite the path
-        elif key not in ("preset", "command") and key in defaults and value != defaults[key]:
-            words += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
-    return portable_command(shlex.join(words))
 
 
 FAMILY_FIELDS = ("img_size", "weights", "freeze", "labelled", "unlabelled", "method")  # what family_fields may add
@@ -165,6 +120,34 @@ def write_model_card(checkpoint: str | Path, onnx_path: str | Path, export_repor
     return [json_path, md_path]
 
 
+def rewrite_card_note(onnx_path: str | Path, note: str, compared_with: str | None = None) -> list[Path]:
+    """Replace the free-text note (and `compared_with`) of an exported file's card and write both card files again;
+    the card must describe this very file (its sha256), and the recorded export command gets the new note."""
+    import shlex
+
+    onnx_path = Path(onnx_path)
+    base = onnx_path.with_suffix("")
+    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
+    try:
+        card = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        raise CifarxError(f"no readable model card {json_path} beside {onnx_path}") from None
+    if not isinstance(card, dict) or card.get("sha256") != file_sha256(onnx_path):
+        raise CifarxError(f"{json_path} does not describe {onnx_path} (its sha256 differs): export the card again")
+    for target in (json_path, md_path):
+        check_writable(target)
+    card["note"] = note
+    if compared_with is not None:
+        card["compared_with"] = compared_with
+    words = shlex.split(card.get("export_command") or "")
+    if "--card-note" in words[:-1]:
+        words[words.index("--card-note") + 1] = note
+        card["export_command"] = shlex.join(words)
+    atomic_write_json(json_path, card)
+    atomic_write_text(md_path, _markdown(card))
+    return [json_path, md_path]
+
+
 def _machine_text(machine: dict | None) -> str:
     if not machine:  # runs from before summaries recorded their machine
         return ""
@@ -217,13 +200,14 @@ def _markdown(card: dict) -> str:
         f"| preset / seed | {_cell(card['preset'])} / {_cell(card['seed'])} |",
         *[f"| {name.replace('_', ' ')} | {_cell(card[name])} |" for name in FAMILY_FIELDS if name in card],
         f"| input | {card['input']} |",
-        f"| outputs | logits, probabilities |",
+        "| outputs | logits, probabilities |",
         f"| test-time augmentation in graph | {card['tta_in_graph']} |",
         f"| parity with PyTorch | top-1 agreement {card['parity']['top1_agreement']:.2%} on {card['parity']['images']} images, "
         f"max abs logit delta {card['parity']['max_abs_logit_delta']:.1e} |",
         f"| size / sha256 | {card['bytes'] / 1e6:.2f} MB / `{card['sha256'][:16]}…` |",
         "",
         *([f"Note: {card['note']}", ""] if card["note"] else []),
+        *([card["compared_with"], ""] if card.get("compared_with") else []),
         *_members_text(card.get("members")),
         "Made by:",
         "",

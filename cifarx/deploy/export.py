@@ -6,19 +6,21 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 import cifarx
-from cifarx import data as datamod
-from cifarx import runfolder
-from cifarx.batches import recorded_split, validation_split
-from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
+from cifarx.data import datasets as datamod
+from cifarx.training import runfolder
+from cifarx.training.checkpoint import load_model, resolve_checkpoint
+from cifarx.data.split import ValidationSplit
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_path, check_writable
+from cifarx.io import atomic_path, check_writable, file_sha256
 from cifarx.models.common import TestTimeAugmentation, preprocessing_of
-from cifarx.portable import make_portable
-from cifarx.runtimes import PROVIDERS
+from cifarx.deploy.portable import make_portable
+from cifarx.runtimes.measuring import compare_outputs
+from cifarx.runtimes.onnxfile import create_session
 
 DEFAULT_OPSET = 18  # the lowest opset torch's dynamo exporter writes natively; ORT >= 1.14 runs it
 
@@ -52,45 +54,37 @@ def parity_images(payload: dict, data: str | None, data_root: str | None, count:
         full = datamod.load_split(source, "train", data_root or config.get("data_root"))
     except CifarxError as error:
         raise CifarxError(f"parity check needs real images: {error} (pass --data DIR)") from None
-    val_size, split_seed = recorded_split(config)
-    if 0 < (val_size or 0) < len(full):
-        _, index = validation_split(full.labels, val_size, split_seed, source)
-    else:  # no held-out images in this data (trained on all of it, or other --data): any of its images show parity
-        index = torch.arange(len(full))
+    split = ValidationSplit.of_run(config)
+    # a run that held nothing out trained on every image: any of them shows parity
+    index = split.indices(full.labels, source)[1] if split.size else torch.arange(len(full))
     return datamod.to_float(full.images[index[:count]])
 
 
 def check_parity(onnx_path: Path, torch_model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict:
-    """ONNX Runtime CPU against PyTorch on the same images: top-1 agreement and the largest |delta logit|."""
-    import onnxruntime as ort
-
+    """ONNX Runtime CPU against PyTorch on the same images (`compare_outputs`: top-1 agreement, max |delta logit|)."""
     try:
-        session = ort.InferenceSession(str(onnx_path), providers=[PROVIDERS["cpu"]])
-    except Exception as error:  # e.g. an opset newer than this ONNX Runtime knows
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CifarxError(f"ONNX Runtime cannot load the exported graph: {message}; no file written") from None
-    input_type = session.get_inputs()[0].type
-    agree, max_delta, scale = 0, 0.0, 0.0
+        session = create_session(onnx_path)
+    except CifarxError as error:  # e.g. an opset newer than this ONNX Runtime knows
+        reason = str(error).split(": ", 1)[-1]
+        raise CifarxError(f"ONNX Runtime cannot load the exported graph: {reason}; no file written") from None
+    float16 = "float16" in session.get_inputs()[0].type
+    expected, got = [], []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            expected = torch_model(batch).float()
-            feed = batch.half().numpy() if "float16" in input_type else batch.numpy()
-            got = torch.from_numpy(session.run(["logits"], {INPUT_NAME: feed})[0]).float()
-            agree += (got.argmax(1) == expected.argmax(1)).sum().item()
-            if not (torch.isfinite(got).all() and torch.isfinite(expected).all()):  # Python's max would skip a NaN
-                raise CifarxError("parity check failed: the model's logits are not finite (NaN or inf weights?); "
-                                  "no file written")
-            max_delta = max(max_delta, (got - expected).abs().max().item())
-            scale = max(scale, expected.abs().max().item())
-    return {"images": len(images), "top1_agreement": agree / max(1, len(images)), "max_abs_logit_delta": max_delta,
-            "max_abs_logit": scale}
+            expected.append(torch_model(batch).float().numpy())
+            feed = batch.half().numpy() if float16 else batch.numpy()
+            got.append(session.run(["logits"], {INPUT_NAME: feed})[0].astype(np.float32))
+    expected, got = np.concatenate(expected), np.concatenate(got)
+    if not (np.isfinite(got).all() and np.isfinite(expected).all()):  # Python's max would skip a NaN
+        raise CifarxError("parity check failed: the model's logits are not finite (NaN or inf weights?); no file written")
+    return compare_outputs(expected, got)
 
 
 def build_metadata(payload: dict, checkpoint: Path, opset: int, tta: str, preprocessing: dict, fp16: bool) -> dict[str, str]:
     config = payload["config"]
     metrics = payload.get("metrics") or {}
-    val_size, split_seed = recorded_split(config)
+    split = ValidationSplit.of_run(config)
     metadata = {
         "cifarx_format": "1",
         "class_names": json.dumps(payload["class_names"]),
@@ -108,7 +102,7 @@ def build_metadata(payload: dict, checkpoint: Path, opset: int, tta: str, prepro
         "model_name": payload["model"]["name"],
         "model_kwargs": json.dumps(payload["model"]["kwargs"]),
         "val_accuracy": json.dumps(metrics.get("val_accuracy")),
-        "val_split": json.dumps({"data": config.get("data"), "val_size": val_size, "seed": split_seed}),
+        "val_split": json.dumps({"data": config.get("data"), "val_size": config.get("val_size"), "seed": split.seed}),
         "checkpoint_sha256": file_sha256(checkpoint),
         "cifarx_version": cifarx.__version__,
         "torch_version": torch.__version__,

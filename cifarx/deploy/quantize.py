@@ -2,7 +2,7 @@
 
 The steps are ONNX Runtime's recommended ones: `quant_pre_process` (shape inference, graph clean-up), calibration
 on training images the model did not validate on, QDQ format, int8 weights with per-channel scales. Activations
-default to uint8 (U8S8), ONNX Runtime's choice for x86 CPUs: on the 2-core VNNI machine of issue 7, int8
+default to uint8 (U8S8), ONNX Runtime's choice for x86 CPUs: on a 2-core AMD EPYC with AVX-512 VNNI, int8
 activations (S8S8) ran at 0.6x fp32 and uint8 ones at 2x.
 """
 
@@ -19,13 +19,13 @@ import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
                                       quantize_static)
 
-from cifarx import data as datamod
+from cifarx.data import datasets as datamod
+from cifarx.data.split import ValidationSplit, load_eval_images
 from cifarx.errors import CifarxError
-from cifarx.evaluate import environment, load_eval_images, logit_parity, measure_latency, predict_logits, score
 from cifarx.io import atomic_path
-from cifarx.onnxfile import create_session, model_info, recorded_val_split
+from cifarx.runtimes.onnxfile import create_session, model_info, recorded_val_split
 from cifarx.process import cpu_info
-from cifarx.runtimes import PROVIDERS, float_batch
+from cifarx.runtimes.measuring import compare_outputs, environment, float_batch, measure_latency, predict_logits, score
 
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
@@ -53,13 +53,9 @@ class ImageBatches(CalibrationDataReader):
 
 def calibration_images(data: str, info: dict, count: int, data_root: str | None = None, seed: int = 0) -> np.ndarray:
     """`count` training images, stratified by class, outside the validation split recorded in the model."""
-    from cifarx.batches import validation_split
-
     full = datamod.load_split(data, "train", data_root)
-    recorded = recorded_val_split(info)
-    val_size = recorded["val_size"] or 0
-    # Other data than the model's (smaller than its validation split) has no held-out images to avoid.
-    kept, _ = validation_split(full.labels, val_size if val_size < len(full) else 0, recorded["seed"] or 0, data)
+    split = ValidationSplit.of_model(recorded_val_split(info)) or ValidationSplit(0, 0)
+    kept = split.indices(full.labels, data)[0]
     if count < len(kept):
         _, chosen = datamod.stratified_split(full.labels[kept], count, seed)
         kept = kept[chosen]
@@ -141,7 +137,7 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
                           "quantise its float32 export")
     images = calibration_images(data, info, calibration_count, data_root, seed)
     if compare_split is not None:
-        load_eval_images(data, compare_split, info, data_root)
+        load_eval_images(data, compare_split, recorded_val_split(info), data_root)
     settings = {"format": "QDQ", "weights": "int8", "activations": activation_type, "per_channel": per_channel,
                 "reduce_range": reduce_range, "keep_ends_fp32": keep_ends_fp32, "op_types": list(WEIGHTED_OPS),
                 "calibration_method": calibration_method, "cpu_int8_isa": INT8_ISA.get(isa), "chosen_by": chosen_by,
@@ -188,16 +184,8 @@ def op_profile(path: str | Path, images: np.ndarray, batch_size: int, threads: i
 
     From ONNX Runtime's own profiler over `runs` runs of one batch (after one untimed run); the op types are the
     kernels that really ran (QLinearConv, NhwcMaxPool...), so a float island between int8 layers shows up."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory() as folder:
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(folder) / "profile")
-        options.log_severity_level = 4
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=[PROVIDERS["cpu"]])
+        session = create_session(path, threads=threads, profile_prefix=Path(folder) / "profile")
         info = model_info(session)
         feed = {info["input_name"]: float_batch(images, batch_size)}
         for _ in range(1 + runs):
@@ -230,7 +218,7 @@ def compare_int8(fp32_path: str | Path, int8_path: str | Path, *, data: str, spl
     infos = {name: model_info(session) for name, session in sessions.items()}
     if infos["fp32"]["class_names"] != infos["int8"]["class_names"]:
         raise CifarxError(f"{int8_path} and {fp32_path} name different classes: not a quantised copy")
-    image_set = load_eval_images(data, split, infos["fp32"], data_root)
+    image_set = load_eval_images(data, split, recorded_val_split(infos["fp32"]), data_root)
     labels = datamod.class_index(infos["fp32"]["class_names"], image_set.class_names).numpy()[image_set.labels.numpy()]
     images = image_set.images.numpy()
     models, logits = {}, {}
@@ -246,7 +234,7 @@ def compare_int8(fp32_path: str | Path, int8_path: str | Path, *, data: str, spl
         "accuracy_drop_points": round(100 * (models["fp32"]["accuracy"] - models["int8"]["accuracy"]), 3),
         "speedup": {batch: round(models["int8"]["latency"][batch]["images_per_s"] / stats["images_per_s"], 3)
                     for batch, stats in models["fp32"]["latency"].items()},
-        "agreement": logit_parity(logits["fp32"], logits["int8"]),
+        "agreement": compare_outputs(logits["fp32"], logits["int8"]),
         "quantization": json.loads(infos["int8"]["metadata"].get("quantization", "null")),
         "op_profile": {name: op_profile(path, images, max(batch_sizes), threads)
                        for name, path in (("fp32", fp32_path), ("int8", int8_path))},

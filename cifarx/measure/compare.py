@@ -10,9 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarx.evaluate import environment, eval_images, measure_runtime, reference_outputs, score
-from cifarx.onnxfile import create_session, model_info
-from cifarx.runtimes import missing, parse_runtimes
+from cifarx.measure.evaluate import eval_images, measure_runtime, reference_outputs
+from cifarx.runtimes.measuring import environment, score
+from cifarx.runtimes.onnxfile import create_session, model_info
+from cifarx.runtimes.table import missing, parse_runtimes
+
+
+# what a runtime with a converter reports of its conversion (runtimes/child.py)
+CONVERSION_FIELDS = ("converter", "converter_version", "convert_seconds", "artifact_bytes")
 
 
 def precision(info: dict) -> str:
@@ -23,10 +28,11 @@ def precision(info: dict) -> str:
 def compare_runtimes(model_paths: list[str | Path], runtimes: list[str], *, batch_sizes: list[int] = (1, 256),
                      data: str | None = None, split: str = "test", image_count: int | None = 1000,
                      data_root: str | None = None, threads: int | None = None, warmup: int = 5,
-                     repeats: int = 30, images: np.ndarray | None = None) -> dict:
+                     repeats: int = 30, images: np.ndarray | None = None, timeout: float | None = None) -> dict:
     """One row per (model, runtime): status, version, device, accuracy on `data`, agreement and latency; JSON-ready.
 
-    `images` (uint8 [N,3,32,32]) replaces `data` for agreement and latency, without labels (no accuracy)."""
+    `images` (uint8 [N,3,32,32]) replaces `data` for agreement and latency, without labels (no accuracy).
+    `timeout`: seconds a runtime in a child process may take (conversion included) before it is a failed row."""
     runtimes = parse_runtimes(",".join(runtimes))
     sessions = [(Path(path), create_session(path, "cpu", threads=threads)) for path in model_paths]  # all files first
     rows = []
@@ -44,8 +50,9 @@ def compare_runtimes(model_paths: list[str | Path], runtimes: list[str], *, batc
                 rows.append({**row, "status": not_installed})
                 continue
             measured = measure_runtime(runtime, path, session, info, measured_on, reference, list(batch_sizes), threads,
-                                       warmup, repeats)
-            row.update(version=measured["version"], device=measured.get("device"))
+                                       warmup, repeats, timeout)
+            row.update(version=measured["version"], device=measured.get("device"),
+                       **{key: measured[key] for key in CONVERSION_FIELDS if key in measured})
             if "failed" in measured:
                 rows.append({**row, "status": f"failed: {measured['failed']}"})
                 continue
@@ -91,6 +98,64 @@ def save_compare_png(result: dict, path: str | Path) -> None:
     throughput_axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     threads = result["threads"] or "default"
     figure.suptitle(f"{result['environment']['cpu']}, {threads} threads", fontsize=9)
+    figure.tight_layout()
+    atomic_savefig(figure, path)
+    plt.close(figure)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (latency, accuracy) points no other point beats on both (faster and at least as accurate)."""
+    front, best = [], -float("inf")
+    for index in sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1])):
+        if points[index][1] > best:
+            front.append(index)
+            best = points[index][1]
+    return front
+
+
+def accuracy_latency_points(result: dict, batch: str) -> list[dict]:
+    """One point per measured (model, runtime): p50 latency at `batch` and accuracy (top-1 agreement with ONNX
+    Runtime CPU where no labelled data was given), with `pareto` marking the front."""
+    points = [{"model": Path(row["model"]).stem, "precision": row["precision"], "runtime": row["runtime"],
+               "latency_ms": row["latency"][batch]["p50_ms"],
+               "accuracy": row["accuracy"] if "accuracy" in row else row["agreement"]["top1_agreement"]}
+              for row in result["rows"] if row["status"] == "ok" and batch in row["latency"]]
+    front = set(pareto_front([(point["latency_ms"], point["accuracy"]) for point in points]))
+    return [{**point, "pareto": index in front} for index, point in enumerate(points)]
+
+
+def save_accuracy_latency_png(result: dict, path: str | Path, batch: int | None = None) -> None:
+    """The picture a person choosing a deployment looks at: accuracy against p50 latency, one point per model x
+    runtime, the Pareto front joined; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cifarx.io import atomic_savefig
+
+    batch = str(batch if batch is not None else min(result["batch_sizes"]))
+    points = accuracy_latency_points(result, batch)
+    labelled = any("accuracy" in row for row in result["rows"] if row["status"] == "ok")
+    figure, axis = plt.subplots(figsize=(8, 5))
+    runtimes = list(dict.fromkeys(point["runtime"] for point in points))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for point in points:
+        axis.scatter(point["latency_ms"], 100 * point["accuracy"], color=colours[runtimes.index(point["runtime"]) % len(colours)],
+                     marker="*" if point["pareto"] else "o", s=90 if point["pareto"] else 40, zorder=3)
+        axis.annotate(f"{point['model']} {point['precision']}", (point["latency_ms"], 100 * point["accuracy"]),
+                      fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = sorted((p for p in points if p["pareto"]), key=lambda p: p["latency_ms"])
+    axis.plot([p["latency_ms"] for p in front], [100 * p["accuracy"] for p in front], "k--", lw=0.8, label="Pareto front")
+    for index, runtime in enumerate(runtimes):
+        axis.scatter([], [], color=colours[index % len(colours)], label=runtime)
+    axis.set_xscale("log")
+    axis.set(xlabel=f"p50 latency at batch {batch} (ms, log)",
+             ylabel="accuracy (%)" if labelled else "top-1 agreement with ONNX Runtime CPU (%)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    threads = result["threads"] or "default"
+    axis.set_title(f"{result['environment']['cpu']}, {threads} threads", fontsize=9)
     figure.tight_layout()
     atomic_savefig(figure, path)
     plt.close(figure)

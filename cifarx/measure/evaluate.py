@@ -7,90 +7,19 @@ figures are the model's, not host copies'.
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import numpy as np
 
-from cifarx import data as datamod
+from cifarx.data import datasets as datamod
+from cifarx.data.split import load_eval_images
 from cifarx.errors import CifarxError
-from cifarx.onnxfile import create_session, model_info, recorded_val_split
-from cifarx.runtimes import (PROVIDERS, REFERENCE, agreement, batched_outputs, float_batch, is_gpu, latency_stats,
-                             measure_in_child, require, timed_runs, torch_device)
-
-
-def load_eval_images(data: str, split: str, info: dict, data_root: str | None = None,
-                     val_size: int | None = None, seed: int | None = None) -> datamod.ImageSet:
-    """The images to score: the data's test split, or the model's own validation split re-carved from train."""
-    if split == "test":
-        return datamod.load_split(data, "test", data_root)
-    if split != "val":
-        raise CifarxError(f"unknown split {split!r}; use test or val")
-    from cifarx.batches import validation_split
-
-    recorded = recorded_val_split(info)
-    if val_size is None and recorded["val_size"] is None:
-        raise CifarxError("the model records no validation split (not a cifarx export?); give --val-size and --seed, "
-                          "or use --split test")
-    if val_size is None and recorded["val_size"] == 0:
-        # Its "validation" images would be images it trained on: a score on them says nothing about new images.
-        raise CifarxError("the model has no validation split: it was trained on every training image (val_size 0); "
-                          "score it with --split test (DATA/test/<class>/...)")
-    val_size = val_size if val_size is not None else recorded["val_size"]
-    if val_size <= 0:
-        raise CifarxError(f"--split val needs --val-size of at least 1, got {val_size}; or use --split test")
-    seed = seed if seed is not None else recorded["seed"] or 0
-    full = datamod.load_split(data, "train", data_root)
-    _, index = validation_split(full.labels, val_size, seed, data)
-    return full.subset(index)
-
-
-def predict_logits(session, info: dict, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits for uint8 [N,3,32,32] images, batch by batch."""
-    dtype = np.float16 if info["input_dtype"] == "float16" else np.float32
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].astype(dtype) / dtype(255)
-        outputs.append(session.run([info["output_names"][0]], {info["input_name"]: batch})[0].astype(np.float32))
-    return np.concatenate(outputs)
-
-
-def score(logits: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
-    """Top-1, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
-    predicted = logits.argmax(1)
-    classes = len(class_names)
-    confusion = np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
-    support = confusion.sum(1)
-    per_class = {name: float(confusion[i, i] / support[i]) for i, name in enumerate(class_names) if support[i]}
-    return {"accuracy": float((predicted == labels).mean()), "per_class": per_class, "confusion_matrix": confusion.tolist()}
-
-
-def measure_latency(session, info: dict, images: np.ndarray, batch_sizes: list[int], provider: str,
-                    warmup: int = 5, repeats: int = 30, device_id: int = 0) -> dict:
-    """Per batch size: p50/p90/p99 latency in ms and images/s over `repeats` timed runs after `warmup` runs."""
-    import onnxruntime as ort
-
-    dtype = np.float16 if info["input_dtype"] == "float16" else np.float32
-    results = {}
-    for batch_size in batch_sizes:
-        batch = float_batch(images, batch_size, dtype)
-        if is_gpu(provider):
-            binding = session.io_binding()
-            binding.bind_ortvalue_input(info["input_name"], ort.OrtValue.ortvalue_from_numpy(batch, "cuda", device_id))
-            for name in info["output_names"]:
-                binding.bind_output(name, "cuda", device_id)
-
-            def run():
-                session.run_with_iobinding(binding)
-                binding.synchronize_outputs()
-        else:
-            feed = {info["input_name"]: batch}
-
-            def run():
-                session.run(info["output_names"], feed)
-
-        results[str(batch_size)] = latency_stats(timed_runs(run, warmup, repeats), batch_size)
-    return results
+from cifarx.runtimes.child import run_in_child
+from cifarx.runtimes.measuring import (batched_outputs, compare_outputs, environment, float_batch, input_dtype,
+                                       latency_stats, measure_latency, predict_logits, score, session_runner,
+                                       timed_runs, to_model_input)
+from cifarx.runtimes.onnxfile import create_session, model_info, recorded_val_split
+from cifarx.runtimes.table import REFERENCE, RUNTIMES, require, torch_device
 
 
 def measure_torch_latency(model, images: np.ndarray, batch_sizes: list[int], warmup: int = 5, repeats: int = 30,
@@ -122,21 +51,15 @@ def torch_logits(model, images: np.ndarray, batch_size: int = 256, device: str =
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start : start + batch_size].astype(np.float32) / np.float32(255))
+            batch = torch.from_numpy(to_model_input(images[start : start + batch_size]))
             outputs.append(model(batch.to(device)).float().cpu().numpy())
     return np.concatenate(outputs)
 
 
-def logit_parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """How far `candidate` logits are from `reference`: top-1 agreement and the largest |delta logit|."""
-    return {"images": len(reference), "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
-            "max_abs_logit_delta": float(np.abs(reference - candidate).max()),
-            "max_abs_logit": float(np.abs(reference).max())}
-
-
 def load_torch_reference(run: str | Path, info: dict):
     """The PyTorch model an ONNX file was exported from, refusing a checkpoint whose hash is not the recorded one."""
-    from cifarx.checkpoint import file_sha256, load_model, resolve_checkpoint
+    from cifarx.io import file_sha256
+    from cifarx.training.checkpoint import load_model, resolve_checkpoint
     from cifarx.models.common import TestTimeAugmentation
 
     checkpoint = resolve_checkpoint(run)
@@ -147,50 +70,6 @@ def load_torch_reference(run: str | Path, info: dict):
     model, _ = load_model(checkpoint)
     tta = info["metadata"].get("tta", "none")
     return TestTimeAugmentation(model, tta).eval() if tta != "none" else model
-
-
-def environment(session=None, device_id: int = 0) -> dict:
-    """Where the numbers were measured: CPU, cores, ONNX Runtime version, available and active providers (and GPU)."""
-    import onnxruntime as ort
-
-    from cifarx.process import cpu_description
-
-    cpu = cpu_description()
-    env = {"cpu": cpu["cpu"], "isa_flags": cpu["isa_flags"], "cores": cpu["cores"], "onnxruntime": ort.__version__,
-           "providers_available": ort.get_available_providers(), "python": platform.python_version()}
-    if session is not None:
-        env["providers_active"] = session.get_providers()
-        if env["providers_active"][0] != PROVIDERS["cpu"]:
-            env["gpu"] = gpu_environment(device_id)
-    return env
-
-
-def gpu_environment(device_id: int = 0) -> dict:
-    """GPU name, driver, CUDA and cuDNN versions, from whichever of nvidia-smi, PyTorch and the ORT build is present."""
-    import shutil
-    import subprocess
-
-    from onnxruntime.capi import build_and_package_info
-
-    gpu: dict = {"device_id": device_id, "onnxruntime_cuda": getattr(build_and_package_info, "cuda_version", None),
-                 "onnxruntime_cudnn": getattr(build_and_package_info, "cudnn_version", None)}
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            line = subprocess.run([smi, f"--id={device_id}", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()[0]
-            gpu["name"], gpu["driver"] = (part.strip() for part in line.rsplit(",", 1))
-        except (OSError, subprocess.SubprocessError, IndexError, ValueError):  # a broken driver must not stop a benchmark
-            pass
-    try:
-        import torch
-    except ImportError:
-        return gpu
-    if torch.cuda.is_available():
-        gpu.setdefault("name", torch.cuda.get_device_name(device_id))
-        gpu["torch_cuda"] = torch.version.cuda
-        gpu["torch_cudnn"] = torch.backends.cudnn.version()
-    return gpu
 
 
 def check_batch_sizes_fit(batch_sizes: list[int]) -> None:
@@ -276,45 +155,56 @@ def eval_images(info: dict, data: str | None, split: str, batch_sizes: list[int]
     if data is None:
         count = max(64, *batch_sizes)  # enough random images that agreement between runtimes means something
         return np.random.default_rng(0).integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8), None
-    image_set = load_eval_images(data, split, info, data_root, val_size, seed)
+    image_set = load_eval_images(data, split, recorded_val_split(info), data_root, val_size, seed)
     to_model = datamod.class_index(info["class_names"], image_set.class_names).numpy()
     return image_set.images.numpy(), to_model[image_set.labels.numpy()]
 
 
 def reference_outputs(session, info: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(logits, probabilities) of ONNX Runtime on `images`: the reference every other runtime is compared with."""
-    dtype = np.float16 if info["input_dtype"] == "float16" else np.float32
-    return batched_outputs(lambda batch: session.run(info["output_names"], {info["input_name"]: batch}), images, dtype)
+    return batched_outputs(session_runner(session, info), images, input_dtype(info))
 
 
 def measure_runtime(runtime: str, model_path: str | Path, session, info: dict, images: np.ndarray,
                     reference: tuple[np.ndarray, np.ndarray], batch_sizes: list[int], threads: int | None = None,
-                    warmup: int = 5, repeats: int = 30) -> dict:
-    """One runtime on one file: version, device, agreement with `reference` (ORT CPU's outputs) and latency.
+                    warmup: int = 5, repeats: int = 30, timeout: float | None = None) -> dict:
+    """One runtime (a row of the table) on one file: version, device, agreement with `reference` (ORT CPU's outputs)
+    and latency; `logits` is included for scoring (not JSON-ready).
 
-    ONNX Runtime runs here on `session` (it is the reference); the others in a child process, whose crash gives
-    `{"failed": "killed by signal 11 (SIGSEGV)", ...}`. `logits` is included for scoring (not JSON-ready)."""
-    if runtime == REFERENCE:
+    ONNX Runtime rows run here (the CPU row on `session`, the reference; a GPU provider that cannot be created is a
+    failed row); the others convert and run in a child process, whose crash gives `{"failed": "killed by signal 11
+    (SIGSEGV)", ...}`."""
+    import tempfile
+
+    row = RUNTIMES[runtime]
+    if row.adapter is None:
+        if row.provider != "cpu":
+            try:
+                session = create_session(model_path, row.provider, threads=threads)
+            except CifarxError as error:
+                return {"runtime": runtime, "version": environment()["onnxruntime"], "failed": str(error)}
         env = environment(session)
+        outputs = reference if row.provider == "cpu" else reference_outputs(session, info, images)
         measured = {"runtime": runtime, "version": env["onnxruntime"], "threads": threads,
-                    "device": f"{session.get_providers()[0]} ({env['cpu']})", "logits": reference[0],
-                    "probabilities": reference[1],
-                    "latency": measure_latency(session, info, images, batch_sizes, "cpu", warmup, repeats)}
+                    "device": f"{session.get_providers()[0]} ({env.get('gpu', {}).get('name') or env['cpu']})",
+                    "logits": outputs[0], "probabilities": outputs[1],
+                    "latency": measure_latency(session, info, images, batch_sizes, row.provider, warmup, repeats)}
     else:
-        dtype = np.float16 if info["input_dtype"] == "float16" else np.float32
-        measured = measure_in_child(runtime, model_path, images, batch_sizes, threads=threads, warmup=warmup,
-                                    repeats=repeats, dtype=dtype)
+        extra = {} if timeout is None else {"timeout": timeout}
+        with tempfile.TemporaryDirectory(prefix="cifarx-convert-") as out_dir:
+            measured = run_in_child(runtime, model_path, images, batch_sizes, out_dir=out_dir, threads=threads,
+                                    warmup=warmup, repeats=repeats, dtype=input_dtype(info), **extra)
         if "failed" in measured:
             return measured
-    measured["agreement"] = agreement(reference, (measured["logits"], measured.pop("probabilities")))
+    measured["agreement"] = compare_outputs(reference, (measured["logits"], measured.pop("probabilities")))
     return measured
 
 
 def evaluate_on_runtime(model_path: str | Path, runtime: str, *, data: str | None, split: str = "test",
                         batch_sizes: list[int] = (1, 64), threads: int | None = None, warmup: int = 5, repeats: int = 30,
                         data_root: str | None = None, val_size: int | None = None, seed: int | None = None) -> dict:
-    """`evaluate_onnx` on OpenVINO or OpenCV (in a child process), with agreement with ONNX Runtime CPU; a failed
-    (crashed) runtime gives a result with `failed` and no figures."""
+    """`evaluate_onnx` on another runtime of the table, with agreement with ONNX Runtime CPU; a failed (crashed,
+    refused) runtime gives a result with `failed` and no figures."""
     session = create_session(model_path, "cpu", threads=threads)
     info = model_info(session)
     images, labels = eval_images(info, data, split, list(batch_sizes), data_root, val_size, seed)
@@ -355,7 +245,7 @@ def compare_with_torch(run: str | Path, info: dict, parity_set: np.ndarray, onnx
         torch.set_num_threads(previous)
     comparison = {
         "torch_latency": by_threads[str(thread_counts[0])],
-        "parity": logit_parity(reference, onnx_logits),
+        "parity": compare_outputs(reference, onnx_logits),
         "torch": {"version": torch.__version__, "device": device, "threads": thread_counts[0],
                   "same_threads_as_onnxruntime": True, "mode": "eager, inference_mode, float32"},
     }

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from cifarx.errors import CifarxError
 from cifarx.models.common import Normalize
-from cifarx.registry import register_model
+from cifarx.models.registry import register_model
 
 WEIGHT_ACTIVATIONS = {"softmax": lambda: nn.Softmax(dim=1), "sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 

@@ -1,7 +1,7 @@
 """`ensemble`: K copies of a registered model, trained side by side in one run, answering with their mean logits.
 
 Why: `fast` on the JPEG copy is limited by overfitting (training accuracy 98-99% while validation stops near
-90%), and a wider network buys little for its compute (docs/benchmarks.md, issue 18). Independently initialised
+90%), and a wider network buys little for its compute (docs/benchmarks.md, "Models and recipes"). Independently initialised
 members make different mistakes, so their average is right more often than any one of them; that is what the
 extra compute buys here. Each member learns from its own loss (objective `ensemble`), as it would alone: members
 trained on the loss of their average co-adapt and lose most of that diversity. Members differ by their random
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from cifarx.errors import CifarxError
-from cifarx.registry import create_model, register_model
+from cifarx.models.registry import create_model, register_model
 
 
 class Ensemble(nn.Module):

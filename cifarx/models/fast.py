@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from cifarx.models.common import Normalize
-from cifarx.registry import register_model
+from cifarx.models.registry import register_model
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 

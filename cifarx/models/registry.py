@@ -15,20 +15,34 @@ if TYPE_CHECKING:
 _BUILDERS: dict[str, Callable[..., "nn.Module"]] = {}
 
 
-def register_model(name: str):
-    """Decorator: register a builder `fn(num_classes=..., **kwargs) -> nn.Module` under `name`."""
+def registrar(table: dict, kind: str):
+    """`register(name)`, a decorator that files a function under `name` in `table` and refuses a second one."""
 
-    def decorate(builder):
-        if name in _BUILDERS:
-            raise ValueError(f"model {name!r} is registered twice")
-        _BUILDERS[name] = builder
-        return builder
+    def register(name: str):
+        def decorate(function):
+            if name in table:
+                raise ValueError(f"{kind} {name!r} is registered twice")
+            table[name] = function
+            return function
 
-    return decorate
+        return decorate
+
+    return register
+
+
+# Decorator: register a builder `fn(num_classes=..., **kwargs) -> nn.Module` under a name.
+register_model = registrar(_BUILDERS, "model")
+
+
+# the built-in families: importing a module registers its builders. A new family is a module plus its name here.
+BUILTIN_FAMILIES = ("fast", "simple_cnn", "vae", "blocknet", "vgg", "shake_shake", "ensemble")
 
 
 def _ensure_builtin_models() -> None:
-    import cifarx.models  # noqa: F401  (importing registers the built-in families)
+    import importlib
+
+    for family in BUILTIN_FAMILIES:
+        importlib.import_module(f"cifarx.models.{family}")
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -41,9 +55,8 @@ def builtin_model_names() -> list[str]:
     """The names the built-in families register, read from their source (`@register_model("name")`) instead of
     importing them: `cifarx models` and unknown-model errors answer without importing torch (seconds)."""
     names = []
-    for source in (resources.files("cifarx") / "models").iterdir():  # not "cifarx.models": importing it imports torch
-        if not source.name.endswith(".py"):
-            continue
+    for family in BUILTIN_FAMILIES:
+        source = resources.files("cifarx") / "models" / f"{family}.py"  # read, not imported: importing imports torch
         for node in ast.walk(ast.parse(source.read_text())):
             if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register_model" and node.args
                     and isinstance(node.args[0], ast.Constant)):

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifarx.models.common import Normalize
-from cifarx.registry import register_model
+from cifarx.models.registry import register_model
 
 
 class ShakeShake(torch.autograd.Function):

@@ -3,7 +3,7 @@
 import torch.nn as nn
 
 from cifarx.models.common import Normalize
-from cifarx.registry import register_model
+from cifarx.models.registry import register_model
 
 
 def _stage(c_in: int, c_out: int, batch_norm: bool, dropout: float) -> list[nn.Module]:

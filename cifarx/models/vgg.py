@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from cifarx.models.common import Normalize
-from cifarx.registry import register_model
+from cifarx.models.registry import register_model
 
 VGG16_LAYOUT = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512, "pool", 512, 512, 512, "pool")
 
@@ -35,6 +35,8 @@ class VGG(nn.Sequential):
 
 
 @register_model("vgg16-bn")
-def vgg16_bn(num_classes: int = 10, dropout: float = 0.5) -> nn.Module:
-    """VGG16-BN for CIFAR (~14.7M parameters): 13 conv-BN-ReLU layers and a 512 -> classes dense head."""
-    return VGG(num_classes, VGG16_LAYOUT, dropout)
+def vgg16_bn(num_classes: int = 10, dropout: float = 0.5, width: int = 64) -> nn.Module:
+    """VGG16-BN for CIFAR (~14.7M parameters): 13 conv-BN-ReLU layers and a 512 -> classes dense head; `width` is
+    the first stage's channels (64 as published; the others scale with it)."""
+    layout = tuple(item if item == "pool" else item * width // 64 for item in VGG16_LAYOUT)
+    return VGG(num_classes, layout, dropout)

@@ -2,7 +2,7 @@
 .onnx files in the browser with onnxruntime-web (WebAssembly).
 
 Everything the page needs is copied into the site (no CDN): the models, the onnxruntime-web files (from the pinned
-npm install in `cifarx/web`, or `--ort-web DIR`), and the sample images as the model sees them (decoded and resized
+npm install in `cifarx/report/web`, or `--ort-web DIR`), and the sample images as the model sees them (decoded and resized
 by `predict.load_images`, stored as lossless PNG, so the browser feeds the same pixels as ONNX Runtime Python).
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_path, atomic_write, atomic_write_text
-from cifarx.onnxfile import check_model_file, create_session, model_info
+from cifarx.runtimes.onnxfile import check_model_file, create_session, model_info
 
 WEB = Path(__file__).parent / "web"
 DEFAULT_ORT_WEB = WEB / "node_modules" / "onnxruntime-web" / "dist"
@@ -42,7 +42,7 @@ def build_report(inputs: list[str | Path], site: str | Path, *, evals: list[str 
     sample_files = find_samples(samples, samples_per_class) if samples is not None else []
     eval_results = [result for path in evals for result in load_evals(path)]
     check_site(site)
-    from cifarx.predict import load_images
+    from cifarx.runtimes.predict import load_images
 
     pixels = load_images([path for _, path in sample_files]) if sample_files else None
     models = [describe_model(path) for path in model_files]
@@ -98,14 +98,14 @@ def check_ort_web(ort_web: str | Path | None) -> Path:
     folder = Path(ort_web) if ort_web is not None else DEFAULT_ORT_WEB
     missing = [name for name in ORT_WEB_FILES if not (folder / name).is_file()]
     if missing:
-        how = "run `npm ci --prefix cifarx/web` in the cifarx checkout" if ort_web is None else "point --ort-web at onnxruntime-web's dist folder"
+        how = "run `npm ci --prefix cifarx/report/web` in the cifarx checkout" if ort_web is None else "point --ort-web at onnxruntime-web's dist folder"
         raise CifarxError(f"onnxruntime-web files not found in {folder} (missing {', '.join(missing)}): {how}")
     return folder
 
 
 def find_samples(folder: str | Path, per_class: int | None = None) -> list[tuple[str, Path]]:
     """(name relative to the folder, path) of its images, and of its class subfolders' (the first N of each, by name)."""
-    from cifarx.data import IMAGE_SUFFIXES
+    from cifarx.data.datasets import IMAGE_SUFFIXES
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -191,7 +191,7 @@ def describe_model(path: Path) -> dict:
 
 def _card_for(path: Path) -> dict | None:
     """The model card JSON beside the file, when it describes this very file (same sha256)."""
-    from cifarx.checkpoint import file_sha256
+    from cifarx.io import file_sha256
 
     card_path = path.with_suffix(".json")
     try:
@@ -304,7 +304,7 @@ def _runtimes(models: list[dict]) -> list[str]:
 def _latencies(result: dict) -> list[tuple[str, dict]]:
     """(runtime label, {batch: stats}) of one eval result: ONNX Runtime on its provider (or the `--runtime` it ran
     on; none if that runtime failed), and PyTorch eager if timed."""
-    from cifarx.runtimes import REFERENCE
+    from cifarx.runtimes.table import REFERENCE
 
     runtime = result.get("runtime", REFERENCE)
     provider = str(result.get("provider", "?")).removesuffix("ExecutionProvider").lower()

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from cifarx.errors import CifarxError
-from cifarx.runtimes import PROVIDERS
+from cifarx.runtimes.table import PROVIDERS
 # "layout" (NCHWc and other layout rewrites) is a level of its own only in recent ONNX Runtime releases.
 GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "layout", "all")
 CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")  # ORT's default is EXHAUSTIVE
@@ -59,8 +59,10 @@ def _stored_tensors(nodes, graph=None):
 
 
 def create_session(path: str | Path, provider: str = "cpu", *, threads: int | None = None,
-                   graph_optimization: str = "all", device_id: int = 0, cudnn_conv_algo_search: str | None = None):
-    """An InferenceSession on exactly `provider`: if ONNX Runtime silently falls back to CPU, that is an error."""
+                   graph_optimization: str = "all", device_id: int = 0, cudnn_conv_algo_search: str | None = None,
+                   profile_prefix: str | Path | None = None):
+    """The one way cifarx opens an ONNX file in ONNX Runtime: an InferenceSession on exactly `provider` (if ONNX
+    Runtime silently falls back to CPU, that is an error); `profile_prefix` turns on its per-node profiler."""
     import onnxruntime as ort
 
     path = check_model_file(path)
@@ -84,6 +86,9 @@ def create_session(path: str | Path, provider: str = "cpu", *, threads: int | No
     options.graph_optimization_level = level
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     options.log_severity_level = 4  # ORT's errors reach us as exceptions (one line each); its log copy stays off stderr
     if cudnn_conv_algo_search is not None and cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCH:
         raise CifarxError(f"unknown cudnn_conv_algo_search {cudnn_conv_algo_search!r}; choose from {', '.join(CUDNN_CONV_ALGO_SEARCH)}")

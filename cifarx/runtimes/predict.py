@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from cifarx.errors import CifarxError
-from cifarx.images import decode_image
-from cifarx.onnxfile import create_session, model_info
-from cifarx.runtimes import softmax
+from cifarx.data.images import decode_image
+from cifarx.runtimes.onnxfile import create_session, model_info
+from cifarx.runtimes.measuring import softmax
 
 
 def load_images(paths: list[str | Path], size: int = 32) -> np.ndarray:
-    """Image files -> float32 [N,3,size,size] RGB in [0,1], decoded as training decodes them (`cifarx.images`)."""
+    """Image files -> float32 [N,3,size,size] RGB in [0,1], decoded as training decodes them (`cifarx.data.images`)."""
     from PIL import Image, UnidentifiedImageError
 
     batch = np.empty((len(paths), 3, size, size), dtype=np.float32)

@@ -1,24 +1,24 @@
-"""Which images train and which validate, and each epoch's training batches.
-
-`validation_split` is the one definition of a run's held-out images: training carves them out, and export's
-parity check, `cifarx eval --split val` and quantize's calibration re-carve the same ones from what the model
-records (data, val_size, seed).
-"""
+"""Which images train and which validate (the split itself is `data/split.py`), and each epoch's training batches."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifarx import data as datamod
-from cifarx import distributed, self_training
-from cifarx.config import TrainConfig
+from cifarx.data import datasets as datamod
+from cifarx.training import distributed
+from cifarx.training.config import TrainConfig
+from cifarx.data.split import ValidationSplit
 from cifarx.errors import CifarxError
 
 PER_IMAGE_AUGMENTATIONS = {"rotate", "autoaugment", "erasing"}
+
+
+PSEUDO_LABELS_FORMAT = "cifarx-pseudo-labels"  # a self-training round's selection file
 
 
 def stream_seed(seed: int, epoch: int, stream: int) -> int:
@@ -26,27 +26,10 @@ def stream_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 100_003 + epoch) * 8 + stream
 
 
-def validation_split(labels: torch.Tensor, val_size: int, seed: int, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training indices, validation indices) of a train split: `val_size` images held out, stratified by class and
-    fixed by `seed`; val_size 0 holds nothing out. `source` names the data in the error a too-small split gets."""
-    if not val_size:
-        return torch.arange(len(labels)), torch.arange(0)
-    if not 0 < val_size < len(labels):
-        raise CifarxError(f"{source} has {len(labels)} training images: too few for a validation split of {val_size}")
-    return datamod.stratified_split(labels, val_size, seed)
-
-
-def recorded_split(config: dict) -> tuple[int | None, int]:
-    """(val_size, seed of the split) of a run's recorded settings: `split_seed`, or the run's `seed` without one."""
-    split_seed = config.get("split_seed")
-    return config.get("val_size"), config.get("seed", 0) if split_seed is None else split_seed
-
-
 def split_train_val(config: TrainConfig) -> tuple[datamod.ImageSet, datamod.ImageSet]:
     """The training images and the stratified validation split carved from them."""
     full = datamod.load_split(config.data, "train", config.data_root)
-    val_size, split_seed = recorded_split(config.to_dict())
-    train_index, val_index = validation_split(full.labels, val_size, split_seed, config.data)
+    train_index, val_index = ValidationSplit.of_run(config.to_dict()).indices(full.labels, config.data)
     train_set, val_set = full.subset(train_index), full.subset(val_index)
     if config.train_size and config.train_size < len(train_set):
         _, keep = datamod.stratified_split(train_set.labels, config.train_size, config.seed + 1)
@@ -56,7 +39,7 @@ def split_train_val(config: TrainConfig) -> tuple[datamod.ImageSet, datamod.Imag
         train_set = datamod.semi_supervised_subset(train_set, config.labelled, config.unlabelled, config.seed + 2,
                                                    config.labelled_per_class)
     if config.pseudo_labels:  # a self-training student: the teacher's selected predictions label those images
-        train_set = self_training.apply_pseudo_labels(train_set, config.pseudo_labels)
+        train_set = apply_pseudo_labels(train_set, config.pseudo_labels)
     return train_set, val_set
 
 
@@ -225,3 +208,17 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CifarxError(f"--device {name} asked for, but PyTorch sees no CUDA device here; use --device cpu")
     return device
+
+
+def apply_pseudo_labels(train_set: datamod.ImageSet, path: str | Path) -> datamod.ImageSet:
+    """The labelled images plus the unlabelled ones the file selects, carrying their pseudo-labels."""
+    saved = torch.load(path, weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != PSEUDO_LABELS_FORMAT:
+        raise CifarxError(f"{path} is not a cifarx pseudo-label file")
+    if saved["train_images"] != len(train_set):
+        raise CifarxError(f"{path} was made for {saved['train_images']} training images, this run has "
+                          f"{len(train_set)}: the data, seed or --labelled/--unlabelled changed")
+    labelled = (train_set.labels != datamod.UNLABELLED).nonzero().squeeze(1)
+    subset = train_set.subset(torch.cat([labelled, saved["rows"]]))
+    subset.labels[len(labelled):] = saved["labels"]
+    return subset

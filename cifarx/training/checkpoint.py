@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch.nn as nn
 
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_torch_save, check_zip_checksums
-from cifarx.registry import create_model
+from cifarx.models.registry import create_model
 
 FORMAT = "cifarx-checkpoint"
 VERSION = 1
@@ -142,11 +141,3 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     path = resolve_checkpoint(path)
     payload = read_checkpoint(path)
     return build_model(payload, path), payload
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

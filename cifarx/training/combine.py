@@ -1,7 +1,7 @@
 """`cifarx combine`: trained runs made into one `ensemble` checkpoint answering with their members' mean logits, so
 `cifarx export` ships them as one file.
 
-Why: networks trained apart make different mistakes (issue 16: the two shipped transfer models, 93.6% and 93.7%,
+Why: networks trained apart make different mistakes (the two shipped transfer models, 93.6% and 93.7%,
 disagree on 6% of the validation images and reach 94.6% together). `--preset fast-ensemble` trains its members in
 one run, which needs one recipe; members with their own recipes (Lite0 and Lite2, each at its own image size and
 schedule) are trained apart and combined here. The result is an ordinary checkpoint in a run folder with a
@@ -15,15 +15,14 @@ from pathlib import Path
 
 import torch
 
-from cifarx import data as datamod
-from cifarx.batches import recorded_split, validation_split
-from cifarx.card import train_command
-from cifarx.checkpoint import load_weights, read_checkpoint, resolve_checkpoint, save_checkpoint
+from cifarx.data import datasets as datamod
+from cifarx.training.checkpoint import load_weights, read_checkpoint, resolve_checkpoint, save_checkpoint
+from cifarx.data.split import ValidationSplit
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_write_json
-from cifarx.registry import create_model
-from cifarx.runfolder import check_new_run_folder, run_record
-from cifarx.train import evaluate
+from cifarx.models.registry import create_model
+from cifarx.training.runfolder import check_new_run_folder, run_record, train_command
+from cifarx.training.loop import evaluate
 
 MEMBER_FIGURES = ("train_seconds", "epochs_run", "train_images", "best_val_accuracy", "machine", "training_precision")
 
@@ -31,15 +30,15 @@ MEMBER_FIGURES = ("train_seconds", "epochs_run", "train_images", "best_val_accur
 def _check_members(checkpoints: list[Path], payloads: list[dict]) -> None:
     """Same classes and the same validation images, else the ensemble's validation figure would be meaningless."""
     first, reference = checkpoints[0], payloads[0]
-    reference_size, reference_seed = recorded_split(reference["config"])
+    reference_split = ValidationSplit.of_run(reference["config"])
     for path, payload in zip(checkpoints[1:], payloads[1:]):
         if payload["class_names"] != reference["class_names"]:
             raise CifarxError(f"{path} was trained on the classes {', '.join(payload['class_names'])}; {first} on "
                               f"{', '.join(reference['class_names'])}")
-        val_size, seed = recorded_split(payload["config"])
-        if (val_size, seed) != (reference_size, reference_seed):
-            raise CifarxError(f"{path} held out val_size {val_size} with seed {seed}, {first} "
-                              f"val_size {reference_size} with seed {reference_seed}: a member would be "
+        split = ValidationSplit.of_run(payload["config"])
+        if split != reference_split:
+            raise CifarxError(f"{path} held out val_size {split.size} with seed {split.seed}, {first} "
+                              f"val_size {reference_split.size} with seed {reference_split.seed}: a member would be "
                               "validated on images another one trained on")
 
 
@@ -71,26 +70,26 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
     load_weights(model, state, out, "ensemble")
     model.eval()
 
-    val_size, seed = recorded_split(reference["config"])
+    split = ValidationSplit.of_run(reference["config"])
     data = data or reference["config"].get("data")
     data_root = data_root or reference["config"].get("data_root")
-    if not val_size:
+    if not split.size:
         raise CifarxError(f"{checkpoints[0]} was trained without a validation split: nothing to measure the ensemble on")
     full = datamod.load_split(data, "train", data_root)
     if full.class_names != class_names:
         raise CifarxError(f"{data} has the classes {', '.join(full.class_names)}; the runs were trained on "
                           f"{', '.join(class_names)}")
-    val_set = full.subset(validation_split(full.labels, val_size, seed, data)[1])
+    val_set = split.held_out(full, data)
     tta = tta or reference["config"].get("tta") or "none"
     device = torch.device("cpu")
     records = [_member_record(path, payload) for path, payload in zip(checkpoints, payloads)]
-    # channels_last: 1.8x faster for EfficientNet-Lite2 at 160 px in eager mode (machine D, 2 threads)
+    # channels_last: 1.8x faster for EfficientNet-Lite2 at 160 px in eager mode (AMD EPYC, 2 threads)
     figures = evaluate(model.to(memory_format=torch.channels_last), val_set, batch_size, device, tta=tta,
                        channels_last=True)
     accuracy = figures["plain_accuracy"]
     summary = {"model": "ensemble", "preset": None, "epochs_run": "+".join(str(r.get("epochs_run")) for r in records),
                "train_images": records[0].get("train_images"), "final_val_accuracy": accuracy,
-               "best_val_accuracy": accuracy, "val_images": len(val_set), "seed": seed}
+               "best_val_accuracy": accuracy, "val_images": len(val_set), "seed": split.seed}
     if tta != "none":
         summary[f"best_val_accuracy_tta_{tta}"] = figures["accuracy"]
     times = [record.get("train_seconds") for record in records]
@@ -101,7 +100,7 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
         summary[shared] = values[0] if all(value == values[0] for value in values) else None
     summary["members"] = records
 
-    config = {"model": "ensemble", "data": data, "data_root": data_root, "val_size": val_size, "seed": seed,
+    config = {"model": "ensemble", "data": data, "data_root": data_root, "val_size": split.size, "seed": split.seed,
               "tta": tta, "command": command, "out": str(out)}
     members_metadata = [{"model": p["model"]["name"], **(p["model"].get("export_metadata") or {})} for p in payloads]
     out.mkdir(parents=True, exist_ok=True)

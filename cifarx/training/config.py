@@ -1,4 +1,4 @@
-"""Settings of each command as dataclasses; presets (TOML files in cifarx/presets/) load into them."""
+"""Settings of each command as dataclasses; presets (TOML files in cifarx/training/presets/) load into them."""
 
 from __future__ import annotations
 
@@ -32,146 +32,165 @@ SSL_METHODS = {**{name: f"vae-ssl-{name}" for name in ("m1", "m2", "m2-fixmatch"
                "fast-supervised": "ssl-fast-supervised"}
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str, option: bool = False, choices: tuple = (),
+            above: float | None = None, low: float | None = None, high: float | None = None,
+            below: float | None = None, factory: Any = None):
+    """A TrainConfig field declared once: its default, its help, the values it takes (`choices`; a range: `above` /
+    `low` inclusive, `high` inclusive / `below` exclusive) and whether `cifarx train` has a named option for it
+    (`option`). Validation, the CLI's options, `--set` and the docs all read this declaration."""
+    metadata = {"help": help, "option": option, "choices": choices, "above": above, "low": low, "high": high,
+                "below": below}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def range_error(name: str, value: float, spec: dict) -> str | None:
+    """None if `value` is inside the range a setting declares, else the one line that says what it must be."""
+    if spec["above"] is not None and not (value > spec["above"] and math.isfinite(value)):  # `not >` refuses NaN
+        bound = "positive" if spec["above"] == 0 else f"> {spec['above']}"
+        return f"--{name.replace('_', '-')} must be {bound}, got {value}"
+    if not math.isfinite(value):  # the caller's finiteness check names it
+        return None
+    low = spec["low"]
+    high, closed = (spec["high"], True) if spec["high"] is not None else (spec["below"], False)
+    if low is not None and high is None and not value >= low:
+        return f"--{name.replace('_', '-')} must be >= {low}, got {value}"
+    if high is not None and not ((low is None or low <= value) and (value <= high if closed else value < high)):
+        return f"--{name.replace('_', '-')} must be in [{low}, {high}{']' if closed else ')'}, got {value}"
+    return None
+
+
+def option_settings() -> list[dataclasses.Field]:
+    """The settings `cifarx train` has a named option for, in declaration order."""
+    return [item for item in fields(TrainConfig) if item.metadata.get("option")]
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; stored in every checkpoint so the run can be rebuilt."""
 
-    model: str = "simple-cnn"
+    model: str = setting("simple-cnn", option=True, help="registered model name, or timm/<name>")
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # a new run from a trained checkpoint's weights (or a run folder's best.pt), e.g. the whole network fine-tuned
     # after its last stages trained on cached activations; resuming ignores it (last.pt holds the weights)
-    init_from: str | None = None
+    init_from: str | None = setting(None, option=True, help="a new run starting from this checkpoint's weights (a run folder: its best.pt), same model and classes, with this run's own settings (timm's --initial-checkpoint)")
     objective: str = "supervised"
     objective_kwargs: dict[str, Any] = field(default_factory=dict)
     # data
-    data: str = "cifar10"
-    data_root: str | None = None
-    val_size: int = 5000  # images held out of train, stratified, for selection
+    data: str = setting("cifar10", option=True, help="'cifar10' (torchvision download) or an image folder with train/<class>/...")
+    data_root: str | None = setting(None, option=True, help="download/cache folder for --data cifar10")
+    val_size: int = setting(5000, option=True, low=0, help="validation images carved from train, stratified, for selection")
     # the seed that picks those images; None = `seed`. Runs of one recipe with other seeds (an ensemble's members)
     # set it to one value, so they hold out the same images and `cifarx combine` can measure them together
-    split_seed: int | None = None
-    train_size: int | None = None  # use only this many training images (stratified); None = all the rest
+    split_seed: int | None = setting(None, option=True, help="the seed that picks the --val-size images (default: --seed); one value for runs of several seeds keeps one validation split, so `cifarx combine` can ensemble them")
+    train_size: int | None = setting(None, option=True, low=0, help="train on only this many images (stratified); default all the rest")
     # semi-supervised (vae-ssl): a labelled subset of the training images, stratified and fixed by the seed, plus
     # unlabelled images from the rest whose labels become -1; None/0 = every training image labelled (the default)
-    labelled: int | None = None
-    labelled_per_class: int | None = None  # exactly this many per class; replaces `labelled` when given
-    unlabelled: int | str = 0  # or 'all': every training image outside the labelled subset
+    labelled: int | None = setting(None, option=True, help="semi-supervised: labelled training images (stratified, fixed by --seed)")
+    labelled_per_class: int | None = setting(None, option=True, help="semi-supervised: exactly this many labelled images per class")
+    unlabelled: int | str = setting(0, option=True, help="semi-supervised: images of the rest of train with their labels hidden (a number, or 'all')")
     labelled_fraction: float | None = None  # share of each batch given to labelled images (oversampled); None = natural mix
     # self-training (cifarx/self_training.py): rounds, keep_per_class, threshold, tta, teacher = {overrides};
     # empty = an ordinary run. pseudo_labels: a round's selection file, which gives its images their teacher's labels
     self_training: dict[str, Any] = field(default_factory=dict)
     pseudo_labels: str | None = None
-    seed: int = 0
+    seed: int = setting(0, option=True, help="seeds the split, the model's initial weights and every epoch's order and augmentation")
     # schedule of the run
-    epochs: int = 10
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    patience: int = 0  # early stopping: epochs without a better val accuracy; 0 = off
+    epochs: int = setting(10, option=True, above=0, help="passes over the training images")
+    batch_size: int = setting(128, option=True, above=0, help="images per training step (the global batch under --nproc)")
+    eval_batch_size: int = setting(500, above=0, help="images per validation batch")
+    patience: int = setting(0, option=True, low=0, help="early stopping after this many epochs without improvement (0 = off)")
     # online hard-example selection (selective backprop): each step draws batch_size / hard_fraction images, scores
     # them by their cross-entropy in eval mode without gradients, and trains on the batch_size hardest, so the
     # backward pass is spent where the loss is; an epoch is hard_fraction as many steps. 1 = off
-    hard_fraction: float = 1.0
+    hard_fraction: float = setting(1.0, option=True, help="each step scores batch-size / F images by their loss (no gradients) and trains on the batch-size hardest: fewer backward passes an epoch (1 = off)")
     # how the hard images are found: "scored" (the pool above, a forward pass each step) or "remembered": each epoch
     # trains on the hard_fraction of images whose loss, remembered from the last step that trained them, is highest
     # (never trained = highest, ties random), so an epoch costs hard_fraction of a full one and scores nothing
-    hard_selection: str = "scored"
+    hard_selection: str = setting("scored", option=True, choices=HARD_SELECTIONS, help="with --hard-fraction: score a pool each step, or train each epoch on the F of images whose last training loss was highest (no scoring)")
     # optimiser
-    optimizer: str = "adam"
-    lr: float = 1e-3  # peak learning rate
-    momentum: float = 0.9
+    optimizer: str = setting("adam", option=True, choices=OPTIMIZERS, help="the optimiser of every parameter (but the conv filter banks with muon)")
+    lr: float = setting(1e-3, option=True, above=0, help="peak learning rate")
+    momentum: float = setting(0.9, low=0, below=1, help="SGD/RMSprop momentum (Adam's beta1)")
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, option=True, low=0, help="L2 penalty (decoupled for adamw)")
     decoupled_weight_decay: bool = False  # SGD: decay per step = weight_decay x schedule factor, independent of lr
-    norm_lr_scale: float = 1.0  # lr multiplier for normalisation weights and biases
-    norm_weight_decay: float | None = None  # None: same as weight_decay
-    backbone_lr_scale: float = 1.0  # transfer (timm/<name>): lr multiplier for everything but the new head
+    norm_lr_scale: float = setting(1.0, low=0, help="lr multiplier for normalisation weights and biases")
+    norm_weight_decay: float | None = setting(None, low=0, help="weight decay of normalisation weights and biases; default: weight_decay")
+    backbone_lr_scale: float = setting(1.0, option=True, above=0, help="timm/<name>: lr multiplier for the backbone (the head gets --lr)")
     # transfer: with --freeze all, pooled features once (cached), then the head alone (linear_probe.py); with
     # --freeze N, the frozen prefix's activations once per image and its flip, then the loop (prefix_cache.py)
-    cached_features: bool = False
-    cache_dtype: str = "float16"  # the prefix activations' storage dtype: float16, bfloat16 or float32
+    cached_features: bool = setting(False, option=True, help="with --freeze all: backbone features once (cached), then the head alone; with --freeze N (EfficientNet): the frozen stages' activations once per image and its flip (cached, --set cache_dtype=float16), then the last N stages + head train on them")
+    cache_dtype: str = setting("float16", choices=CACHE_DTYPES, help="the cached prefix activations' storage dtype")
     # transfer, progressive resizing: the sizes the images are upsampled to in the run's first parts (equal shares of
     # its epochs), rising, before the model's own img_size in the last part; validation and export always use img_size
-    progressive_sizes: list[int] = field(default_factory=list)
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    initial_lr_fraction: float = 0.0  # warm-up starts at lr x this
+    progressive_sizes: list[int] = setting(factory=list, option=True, help="timm/<name>: comma list of rising sizes the training images are upsampled to in the run's first equal parts, before --img-size in the last (progressive resizing)")
+    schedule: str = setting("constant", option=True, choices=SCHEDULES, help="the learning rate's shape over the run")
+    warmup_epochs: float = setting(0.0, option=True, low=0, help="epochs of linear warm-up from lr x initial_lr_fraction")
+    initial_lr_fraction: float = setting(0.0, low=0, high=1, help="warm-up starts at lr x this")
     milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr is multiplied by gamma
-    gamma: float = 0.1
-    final_lr_fraction: float = 0.0  # cosine/linear/onecycle end at lr x this
-    label_smoothing: float = 0.0
-    ema_decay: float = 0.0  # parameter EMA per step; 0 = off
-    ema_every: int = 1  # update the EMA every this many steps (decay is per update)
+    gamma: float = setting(0.1, low=0, help="multistep: the lr factor at each milestone")
+    final_lr_fraction: float = setting(0.0, low=0, high=1, help="cosine/linear/onecycle end at lr x this")
+    label_smoothing: float = setting(0.0, option=True, low=0, below=1, help="cross-entropy label smoothing")
+    ema_decay: float = setting(0.0, option=True, low=0, below=1, help="parameter EMA decay per step (0 = off)")
+    ema_every: int = setting(1, low=1, help="update the EMA every this many steps (decay is per update)")
     ema_warmup: bool = False  # decay grows as 1 - (1 + updates)^(-2/3) up to ema_decay (timm), so short runs average recent weights
-    lookahead_every: int = 0  # every this many steps pull the weights to their running average; 0 = off
-    lookahead_decay: float = 0.95**5  # the average's decay at the end of training...
-    lookahead_power: float = 3.0  # ...reached as decay x progress**power: weak early, strong as the lr anneals
+    lookahead_every: int = setting(0, low=0, help="every this many steps pull the weights to their running average; 0 = off")
+    lookahead_decay: float = setting(0.95**5, low=0, below=1, help="the average's decay at the end of training...")
+    lookahead_power: float = setting(3.0, low=0, help="...reached as decay x progress**power: weak early, strong as the lr anneals")
     # Muon (torch.optim.Muon) for the conv filter banks, `optimizer` for every other parameter; its lr follows the
     # same schedule. Its steps are orthogonalised (their size is the lr's, whatever the gradient's or batch's), and
     # each filter bank is kept at norm sqrt(out channels) instead of being decayed (airbench94_muon: lr 0.24, momentum
     # 0.6, Nesterov)
     muon: bool = False
-    muon_lr: float = 0.24
-    muon_momentum: float = 0.6
+    muon_lr: float = setting(0.24, above=0, help="Muon's learning rate (the size of its orthogonalised steps)")
+    muon_momentum: float = setting(0.6, low=0, below=1, help="Muon's (Nesterov) momentum")
     # augmentation (training batches only)
-    augment: list[str] = field(default_factory=lambda: ["crop", "flip"])
-    crop_padding: int = 4
-    translate_mode: str = "reflect"
-    cutout_size: int = 16
-    rotate_degrees: float = 15.0
+    augment: list[str] = setting(factory=lambda: ["crop", "flip"], option=True, choices=AUGMENTATIONS, help="comma list of training augmentations ('' for none)")
+    crop_padding: int = setting(4, low=0, high=31, help="crop: pixels the image may move each way")
+    translate_mode: str = setting("reflect", choices=TRANSLATE_MODES, help="crop: how the border is filled")
+    cutout_size: int = setting(16, low=0, high=32, help="cutout: side of the erased square")
+    rotate_degrees: float = setting(15.0, low=0, high=180, help="rotate: largest angle either way")
     whiten_init: bool = True  # models with a patch-whitening first conv initialise it from training images
-    whiten_bias_epochs: int | None = None  # the whitening conv's bias trains for this many epochs, then is frozen; None = all
-    tta: str = "none"  # test-time augmentation for the final validation
+    whiten_bias_epochs: int | None = setting(None, low=0, help="the whitening conv's bias trains for this many epochs, then is frozen; default all")
+    tta: str = setting("none", option=True, choices=TTA_MODES, help="test-time augmentation for the final validation")
     # machine
-    device: str = "cpu"
-    threads: int | None = None
-    channels_last: bool = True
-    compile: bool = False
+    device: str = setting("cpu", option=True, help="cpu, cuda or cuda:N")
+    threads: int | None = setting(None, option=True, low=0, help="torch intra-op threads")
+    channels_last: bool = setting(True, option=True, help="channels-last memory format for the model and batches")
+    compile: bool = setting(False, option=True, help="torch.compile the model")
     # bfloat16: the training step's forward pass under torch.autocast (validation, TTA and export stay float32). Whether
     # it pays depends on CPU and network, so it is chosen, not guessed: `fast` steps 1.8-3x faster with AMX tiles, 1.6x
     # on one AVX512-BF16 CPU without them and slower on another; EfficientNet (depthwise convolutions) 0.46-0.72x
     # (docs/benchmarks.md)
-    precision: str = "float32"
-    workers: int = 2  # DataLoader workers, only for per-image torchvision augmentations
+    precision: str = setting("float32", option=True, choices=PRECISIONS, help="the training step's forward pass (bfloat16: torch.autocast; validation and export stay float32). bfloat16 trains fast 1.6-3x faster on some CPUs (AMX, some AVX512-BF16), slower on others, EfficientNet slower: benchmarks/train_speed.py measures both")
+    workers: int = setting(2, low=0, help="DataLoader workers, only for per-image torchvision augmentations")
     # under torchrun (docs/distributed.md): BatchNorm statistics over the global batch instead of each rank's share,
     # and how long a rank waits for the others in a collective before the job stops with an error
-    sync_bn: bool = False
-    dist_timeout: float = 600.0  # seconds
-    out: str = "runs/latest"
+    sync_bn: bool = setting(False, option=True, help="distributed: BatchNorm statistics over the global batch")
+    dist_timeout: float = setting(600.0, low=0, help="seconds a rank waits for the others in a collective before the job stops")
+    out: str = setting("runs/latest", option=True, help="run folder (config, metrics, curves, checkpoints)")
     command: str | None = None  # the command line that started the run, for model cards
     preset: str | None = None
 
     def validate(self) -> None:
         """Reject values that cannot make a run, with one clear line."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "eval_batch_size": self.eval_batch_size,
-                    "backbone_lr_scale": self.backbone_lr_scale, "muon_lr": self.muon_lr}
-        for name, value in positive.items():
-            if value is None or not value > 0 or not math.isfinite(value):  # `not >` also refuses NaN
-                raise CifarxError(f"--{name.replace('_', '-')} must be positive, got {value}")
         self._validate_numbers()
-        at_least = {"train_size": (self.train_size or 0, 0), "threads": (self.threads or 0, 0), "workers": (self.workers, 0),
-                    "warmup_epochs": (self.warmup_epochs, 0), "crop_padding": (self.crop_padding, 0),
-                    "cutout_size": (self.cutout_size, 0), "ema_every": (self.ema_every, 1),
-                    "whiten_bias_epochs": (self.whiten_bias_epochs or 0, 0)}
-        for name, (value, minimum) in at_least.items():
-            if not value >= minimum:
-                raise CifarxError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-        if self.val_size < 0:
-            raise CifarxError(f"--val-size must be >= 0, got {self.val_size}")
+        for item in fields(self):
+            value = getattr(self, item.name)
+            allowed = item.metadata.get("choices")
+            if allowed and isinstance(value, list):
+                unknown = [entry for entry in value if entry not in allowed]
+                if unknown:
+                    raise CifarxError(f"unknown {item.name} {unknown}; choose from {', '.join(allowed)}")
+            elif allowed and value not in allowed:
+                raise CifarxError(f"unknown {item.name} {value!r}; choose from {', '.join(allowed)}")
         if not 0 < self.hard_fraction <= 1:
             raise CifarxError(f"--hard-fraction must be in (0, 1], got {self.hard_fraction}")
         if self.hard_fraction < 1 and self.objective not in HARD_EXAMPLE_OBJECTIVES:
             raise CifarxError(f"--hard-fraction ranks labelled images by cross-entropy: objective {self.objective} "
                               f"has other terms; use it with {' or '.join(HARD_EXAMPLE_OBJECTIVES)}")
-        if self.weight_decay < 0 or self.patience < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
-            raise CifarxError("weight decay and patience must be >= 0; label smoothing and EMA decay in [0, 1)")
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "tta": TTA_MODES, "translate_mode": TRANSLATE_MODES,
-                   "cache_dtype": CACHE_DTYPES, "precision": PRECISIONS, "hard_selection": HARD_SELECTIONS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise CifarxError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
-        unknown = [a for a in self.augment if a not in AUGMENTATIONS]
-        if unknown:
-            raise CifarxError(f"unknown augmentation {unknown}; choose from {', '.join(AUGMENTATIONS)}")
         if self.progressive_sizes:
             sizes = self.progressive_sizes
             if any(size < 8 for size in sizes) or sizes != sorted(sizes) or self.epochs <= len(sizes):
@@ -185,7 +204,7 @@ class TrainConfig:
                               "--cached-features) fits a new head without that loop: drop one")
         if {"flip", "alternating-flip"} <= set(self.augment):
             raise CifarxError("give flip (a coin per image and epoch) or alternating-flip (every other epoch), not both")
-        from cifarx.registry import list_models, unknown_model_error
+        from cifarx.models.registry import list_models, unknown_model_error
 
         if not self.model.startswith("timm/") and self.model not in list_models():
             raise unknown_model_error(self.model)
@@ -198,23 +217,12 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for item in fields(self):
             value = getattr(self, item.name)
+            if item.metadata and isinstance(value, (int, float)) and not isinstance(value, bool):
+                message = range_error(item.name, value, item.metadata)
+                if message:
+                    raise CifarxError(message)
             if _has_type(value, float) and float in _types_of(hints[item.name]) and not math.isfinite(value):
                 raise CifarxError(f"--{item.name.replace('_', '-')} must be a finite number, got {value}")
-        # (lowest, highest, whether the highest itself is allowed); the side is 32 pixels
-        ranges = {"momentum": (0, 1, False), "muon_momentum": (0, 1, False), "norm_lr_scale": (0, math.inf, True), "gamma": (0, math.inf, True),
-                  "initial_lr_fraction": (0, 1, True), "final_lr_fraction": (0, 1, True),
-                  "lookahead_decay": (0, 1, False), "lookahead_power": (0, math.inf, True),
-                  "rotate_degrees": (0, 180, True), "dist_timeout": (0, math.inf, True),
-                  "norm_weight_decay": (0, math.inf, True), "warmup_epochs": (0, math.inf, True),
-                  "crop_padding": (0, 31, True), "cutout_size": (0, 32, True), "lookahead_every": (0, math.inf, True)}
-        for name, (lowest, highest, closed) in ranges.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not (lowest <= value <= highest if closed else lowest <= value < highest):
-                interval = f"[{lowest}, {highest}{']' if closed else ')'}" if highest != math.inf else f">= {lowest}"
-                raise CifarxError(f"--{name.replace('_', '-')} must be {'in ' if highest != math.inf else ''}{interval}, "
-                                  f"got {value}")
 
     def _validate_semi_supervised(self) -> None:
         if self.unlabelled != "all" and (not isinstance(self.unlabelled, int) or self.unlabelled < 0):
@@ -224,9 +232,7 @@ class TrainConfig:
         if self.unlabelled and self.labelled is None and self.labelled_per_class is None:
             raise CifarxError("--unlabelled needs a labelled subset: give --labelled or --labelled-per-class")
         if self.self_training:
-            from cifarx.self_training import settings_of
-
-            settings_of(self)  # refuses unknown keys and values out of range before a run folder is made
+            self_training_settings(self)  # refuses unknown keys and values out of range before a run folder is made
             if not self.unlabelled:
                 raise CifarxError("self-training needs unlabelled images: give --unlabelled N or all")
         elif self.unlabelled and self.objective == "supervised" and not self.pseudo_labels:
@@ -284,15 +290,15 @@ def _has_type(value: Any, hint: Any) -> bool:
 
 def list_presets() -> list[str]:
     """Names of the preset recipe files shipped inside the package."""
-    folder = resources.files("cifarx.presets")
+    folder = resources.files("cifarx.training.presets")
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
 def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A preset's settings as a dict (TOML file `cifarx/presets/NAME.toml`). A preset that says `extends = "BASE"`
+    """A preset's settings as a dict (TOML file `cifarx/training/presets/NAME.toml`). A preset that says `extends = "BASE"`
     is BASE's settings with its own on top (a variant states only what it changes; a table such as model_kwargs
     is replaced whole, not merged)."""
-    path = resources.files("cifarx.presets") / f"{name}.toml"
+    path = resources.files("cifarx.training.presets") / f"{name}.toml"
     if not path.is_file():
         raise CifarxError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
     if name in _seen:
@@ -346,3 +352,35 @@ def resumed_config(saved: dict[str, Any], options: dict[str, Any], epochs_done: 
     if given.get("epochs") is not None and given["epochs"] < epochs_done:
         raise CifarxError(f"the run has trained {epochs_done} epochs already; --epochs must be at least that")
     return TrainConfig.from_dict({**saved, **given})
+
+
+# settings of `config.self_training`, with their defaults
+SELF_TRAINING_DEFAULTS = {
+    "rounds": 2,  # student rounds after the teacher (round 0)
+    "keep_per_class": 0.8,  # share of (unlabelled images / classes) kept per class, the most confident first
+    "threshold": 0.0,  # and only predictions at least this confident (TTA-averaged softmax)
+    "tta": "flip-translate",  # views the teacher averages over
+    # round 0's recipe: a preset (that of the supervised-only baseline), or {"preset": NAME, SETTING: VALUE...}
+    "teacher": "ssl-fast-supervised",
+}
+
+
+def self_training_settings(config: TrainConfig) -> dict:
+    """`config.self_training` completed with the defaults; unknown keys or values out of range are refused."""
+    unknown = sorted(set(config.self_training) - set(SELF_TRAINING_DEFAULTS))
+    if unknown:
+        raise CifarxError(f"unknown self_training setting(s) {unknown}; known: {', '.join(SELF_TRAINING_DEFAULTS)}")
+    settings = {**SELF_TRAINING_DEFAULTS, **config.self_training}
+    if not isinstance(settings["rounds"], int) or settings["rounds"] < 1:
+        raise CifarxError(f"self_training.rounds must be a whole number >= 1, got {settings['rounds']!r}")
+    if not 0 < settings["keep_per_class"] <= 1:
+        raise CifarxError(f"self_training.keep_per_class must be in (0, 1], got {settings['keep_per_class']!r}")
+    if not 0 <= settings["threshold"] < 1:
+        raise CifarxError(f"self_training.threshold must be in [0, 1), got {settings['threshold']!r}")
+    teacher = settings["teacher"] if isinstance(settings["teacher"], dict) else {"preset": settings["teacher"]}
+    if teacher.get("preset") is not None and teacher["preset"] not in list_presets():
+        raise CifarxError(f"self_training.teacher must name a preset, got {teacher['preset']!r}; see `cifarx models`")
+    settings["teacher"] = teacher
+    if settings["tta"] not in TTA_MODES:
+        raise CifarxError(f"self_training.tta must be none, flip or flip-translate, got {settings['tta']!r}")
+    return settings

@@ -25,15 +25,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifarx import data as datamod
-from cifarx import runfolder
-from cifarx.batches import check_batches, resolve_device, split_train_val, stream_seed
-from cifarx.checkpoint import save_checkpoint
-from cifarx.config import TrainConfig
+from cifarx.data import datasets as datamod
+from cifarx.training import runfolder
+from cifarx.training.batches import check_batches, resolve_device, split_train_val, stream_seed
+from cifarx.training.checkpoint import save_checkpoint
+from cifarx.training.config import TrainConfig
 from cifarx.errors import CifarxError
-from cifarx.optimiser import build_optimizer, build_scheduler
-from cifarx.prefix_cache import load_or_compute
-from cifarx.registry import create_model
+from cifarx.training.optimiser import build_optimizer, build_scheduler
+from cifarx.training.prefix_cache import load_or_compute
+from cifarx.models.registry import create_model
 
 FEATURE_CACHE_FORMAT = 1
 FEATURE_BATCH_SIZE = 64  # images per backbone pass: bounds the memory of upsampled activations (224 px: ~1 GB)
@@ -85,6 +85,12 @@ def _accuracy_and_loss(head: nn.Module, features: torch.Tensor, labels: torch.Te
     with torch.no_grad():
         logits = head(features)
     return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def is_linear_probe(config: TrainConfig) -> bool:
+    """A frozen backbone with cached features: pooled features once, then the head alone, outside the loop (with
+    --freeze N the loop trains the last stages on cached prefix activations instead, `prefix_cache.py`)."""
+    return config.cached_features and str(config.model_kwargs.get("freeze")) == "all"
 
 
 def fit_linear_head(config: TrainConfig, reporter=None) -> dict:

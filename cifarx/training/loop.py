@@ -3,7 +3,7 @@
 What the loop calls lives beside it: `batches.py` (the split and each epoch's batches), `optimiser.py` (parameter
 groups, lr schedule, Lookahead), `runfolder.py` (lock, metrics, summary, run state), `prefix_cache.py` (with
 `--freeze N --cached-features`: batches of cached prefix activations and the model's view that takes them, in
-place of image batches and the whole model). Read `_train` top to bottom:
+place of image batches and the whole model). Read `train` top to bottom:
 settings, data, model, optimiser, then epochs of steps, each epoch ending in validation and checkpoints.
 
 Determinism: every epoch draws its order, augmentation and dropout randomness from generators seeded by
@@ -24,36 +24,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifarx import data as datamod
-from cifarx import distributed, self_training
-from cifarx import runfolder
-from cifarx.batches import (check_batches, drawn_batch_size, hardest, picked_batches, remembered_pick,
+from cifarx.data import datasets as datamod
+from cifarx.training import distributed
+from cifarx.training import runfolder
+from cifarx.training.batches import (check_batches, drawn_batch_size, hardest, picked_batches, remembered_pick,
                              remembers_losses, resolve_device, scores_each_step, split_train_val, steps_per_epoch,
                              stream_seed, training_batches)
-from cifarx.checkpoint import load_initial_weights, load_weights, read_checkpoint, save_checkpoint
-from cifarx.config import TrainConfig, resumed_config
+from cifarx.training.checkpoint import load_initial_weights, load_weights, read_checkpoint, save_checkpoint
+from cifarx.training.config import TrainConfig, resumed_config
 from cifarx.errors import CifarxError, TrainingInterrupted
 from cifarx.models.common import TestTimeAugmentation
-from cifarx.objectives import make_objective
-from cifarx.optimiser import Lookahead, build_optimizer, build_scheduler, schedule_warning, train_whitening_bias
-from cifarx.prefix_cache import PrefixInputs
+from cifarx.training.objectives import make_objective
+from cifarx.training.optimiser import Lookahead, build_optimizer, build_scheduler, schedule_warning, train_whitening_bias
+from cifarx.training.linear_probe import is_linear_probe
+from cifarx.training.prefix_cache import PrefixInputs
 from cifarx.process import machine
-from cifarx.registry import create_model
-from cifarx.runfolder import Reporter, RunState, SilentReporter
+from cifarx.models.registry import create_model
+from cifarx.training.runfolder import Reporter, RunState, SilentReporter
 
 
 def train(config: TrainConfig | None = None, reporter: Reporter | None = None, resume: str | Path | None = None,
           resume_options: dict | None = None) -> dict:
-    """Train (or resume) a run; writes RUN_DIR/{config.json,metrics.csv,curves.png,last.pt,best.pt,summary.json}.
-
-    `resume_options`: settings that may change when a run continues (more epochs, the machine's); see
-    `config.resumed_config`. Under torchrun every rank calls this: DistributedDataParallel, rank 0 reports and
-    writes (docs/distributed.md).
-    """
-    rounds_config = self_training.read_rounds_config(resume) if resume is not None else config
-    if rounds_config is not None and rounds_config.self_training:  # teacher and student runs, each through _train
-        rounds_config.validate()
-        return self_training.train_rounds(rounds_config, reporter or SilentReporter(), resume=resume is not None)
+    """One run of the loop (`run.train` picks the mode and calls this); under torchrun on every rank."""
     with distributed.Ranks.from_env() as ranks:
         return _train(config, reporter if ranks.is_main else None, resume, resume_options or {}, ranks)
 
@@ -74,12 +66,8 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     warning = schedule_warning(config)
     if warning:
         warnings.warn(warning)
-    if config.cached_features and str(config.model_kwargs.get("freeze")) == "all":
-        # frozen backbone: pooled features once, then the head alone (see linear_probe.py); --freeze N goes through
-        # the loop below on cached prefix activations (prefix_cache.py)
-        from cifarx.linear_probe import fit_linear_head
-
-        return fit_linear_head(config, reporter)
+    if is_linear_probe(config):
+        raise CifarxError(f"{run_dir} is a linear probe's run: its head is fitted in one go, not resumed; train afresh")
     if config.threads:
         torch.set_num_threads(config.threads)
     device = ranks.join(resolve_device(config.device), config.batch_size, config.dist_timeout)
@@ -360,7 +348,7 @@ def summarize(run_dir: Path, config: TrainConfig, state: RunState, val_set: data
               device: torch.device, extra: dict | None = None) -> dict:
     """summary.json: final and best validation figures (with TTA if configured), the training time, the machine it
     was measured on (a time means little without the CPU, its ISA and the threads) and `extra`."""
-    from cifarx.checkpoint import load_model
+    from cifarx.training.checkpoint import load_model
 
     extra = {"machine": machine(), **(extra or {})}
     if config.tta != "none" and len(val_set):

@@ -13,22 +13,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifarx.data import random_colour_affine, random_crop_flip_cutout
+from cifarx.data.datasets import random_colour_affine, random_crop_flip_cutout
 from cifarx.errors import CifarxError
+from cifarx.models.registry import registrar
 from cifarx.models.ensemble import Ensemble
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict]
 _OBJECTIVES: dict[str, Callable[..., Objective]] = {}
 
 
-def register_objective(name: str):
-    def decorate(factory):
-        if name in _OBJECTIVES:
-            raise ValueError(f"objective {name!r} is registered twice")
-        _OBJECTIVES[name] = factory
-        return factory
-
-    return decorate
+register_objective = registrar(_OBJECTIVES, "objective")
 
 
 def make_objective(name: str, num_classes: int = 10, **kwargs) -> Objective:

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from cifarx.config import TrainConfig
+from cifarx.training.config import TrainConfig
 from cifarx.errors import CifarxError
 
 

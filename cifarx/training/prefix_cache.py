@@ -36,8 +36,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from cifarx import data as datamod
-from cifarx.batches import drawn_batch_size, stream_seed
+from cifarx.data import datasets as datamod
+from cifarx.training.batches import drawn_batch_size, stream_seed
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_write
 

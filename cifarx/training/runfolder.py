@@ -177,7 +177,7 @@ def run_record(run_dir: Path) -> dict:
         return {**json.loads(summary_path.read_text()), "finished": True}
     if not (run_dir / "last.pt").is_file():
         raise CifarxError(f"no summary.json or last.pt in run folder {run_dir}: not a cifarx run")
-    from cifarx.checkpoint import read_checkpoint
+    from cifarx.training.checkpoint import read_checkpoint
 
     payload = read_checkpoint(run_dir / "last.pt")
     state = RunState(**(payload.get("train_state") or {}).get("run", {}))
@@ -190,3 +190,48 @@ def run_record(run_dir: Path) -> dict:
         "best_val_accuracy": state.best_val_accuracy if history and has_val else None,
         "val_images": state.val_images, "seed": payload["config"].get("seed"), "finished": False,
     }
+
+
+DATA_OPTIONS = ("--data", "--data-root")  # where this machine keeps images: a placeholder on a card
+RUN_OPTIONS = ("--out", "--resume", "--val-run", "--compare-torch")  # run folders: runs/NAME, as `cifarx train` makes
+
+
+def portable_command(command: str, cwd: Path | None = None) -> str:
+    """A recorded command line that anyone can run: image folders become DIR, paths inside the current folder
+    become relative, other absolute paths keep their name (run folders under runs/)."""
+    import shlex
+
+    cwd = (cwd or Path.cwd()).resolve()
+    words = shlex.split(command)
+    for i in range(1, len(words)):
+        option, value = words[i - 1], words[i]
+        if option in DATA_OPTIONS:
+            words[i] = value if value == "cifar10" else "DIR"
+        elif Path(value).is_absolute() and not value.startswith("-"):
+            path = Path(value)
+            if path.is_relative_to(cwd):
+                words[i] = str(path.relative_to(cwd))
+            elif option in RUN_OPTIONS or (words[1] == "export" and i == 2) or (
+                    words[1] == "combine" and not option.startswith("-")):  # combine's run folders
+                words[i] = f"runs/{path.name}"
+            else:
+                words[i] = path.name
+    return shlex.join(words)
+
+
+def train_command(config: dict) -> str:
+    """The command line recorded by `cifarx train`; for runs started otherwise, one rebuilt from the settings."""
+    if config.get("command"):
+        return portable_command(config["command"])
+    import shlex
+
+    from cifarx.training.config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    words = ["cifarx", "train"] + (["--preset", config["preset"]] if config.get("preset") else [])
+    for key, value in config.items():
+        if key in ("data", "data_root", "out") and value is not None:
+            words += [f"--{key.replace('_', '-')}", value]  # named, so portable_command can rewrite the path
+        elif key not in ("preset", "command") and key in defaults and value != defaults[key]:
+            words += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return portable_command(shlex.join(words))

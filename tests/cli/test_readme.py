@@ -1,6 +1,6 @@
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ci_runs_the_readme_install_and_test_commands():
@@ -10,7 +10,7 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert f"{install} && cifarx train" in readme and install in ci
     assert "python -m pytest -q" in readme and "python -m pytest -q" in ci
     # the report's browser test needs Chromium and onnxruntime-web: the README's way to get them is CI's
-    for command in ("apt-get install -y chromium", "npm ci --prefix cifarx/web"):
+    for command in ("apt-get install -y chromium", "npm ci --prefix cifarx/report/web"):
         assert command in readme and command in ci, command
 
 

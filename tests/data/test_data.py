@@ -1,10 +1,9 @@
-import warnings
 from unittest import mock
 
 import pytest
 import torch
 
-from cifarx import data
+from cifarx.data import datasets as data
 from cifarx.errors import CifarxError
 from tests.conftest import make_image_folder
 

@@ -9,12 +9,13 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from cifarx import data as datamod
-from cifarx.cli import cli
+from cifarx.data import datasets as datamod
+from cifarx.cli.main import cli
 from cifarx.errors import CifarxError
-from cifarx.evaluate import evaluate_onnx, predict_logits
-from cifarx.onnxfile import create_session, model_info
-from cifarx.quantize import calibration_images, compare_int8, quantize_onnx
+from cifarx.measure.evaluate import evaluate_onnx
+from cifarx.runtimes.measuring import predict_logits
+from cifarx.runtimes.onnxfile import create_session, model_info
+from cifarx.deploy.quantize import calibration_images, compare_int8, quantize_onnx
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +132,9 @@ def test_quantiser_refuses_what_it_cannot_do(trained_run, tmp_path, problem):
 
 def test_the_flagship_exported_with_tta_in_its_graph_quantises(trained_run, tmp_path):
     """ORT's symbolic shape inference crashed on this graph (the shipped exported/fast.onnx) in quant_pre_process."""
-    from cifarx.config import make_train_config
-    from cifarx.export import export_onnx
-    from cifarx.train import train
+    from cifarx.training.config import make_train_config
+    from cifarx.deploy.export import export_onnx
+    from cifarx.training.run import train
 
     config = make_train_config(preset="fast", data=str(trained_run["data"]), epochs=1, batch_size=32, val_size=16,
                                model_kwargs={"widths": [8, 16, 16]}, out=str(tmp_path / "run"), tta="none")
@@ -172,14 +173,14 @@ CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 {flags}\n
     ("neon asimd", None, ("int8", False)),                    # no x86 int8: ONNX Runtime's default S8S8
 ])
 def test_int8_types_follow_the_cpus_int8_instructions(flags, isa, types):
-    from cifarx.quantize import cpu_int8_isa, int8_types_for
+    from cifarx.deploy.quantize import cpu_int8_isa, int8_types_for
 
     assert cpu_int8_isa(CPUINFO.format(flags=flags)) == isa
     assert int8_types_for(isa)[:2] == types
 
 
 def test_quantize_says_which_types_it_picked_and_profiles_ops_per_type(trained_run, tmp_path, monkeypatch):
-    import cifarx.quantize as quantize
+    import cifarx.deploy.quantize as quantize
 
     monkeypatch.setattr(quantize, "cpu_int8_isa", lambda: "avx2")  # a non-VNNI CPU: reduce_range is chosen for it
     output, report_path = tmp_path / "m.int8.onnx", tmp_path / "q.json"

@@ -11,10 +11,11 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from cifarx.cli import cli
+from cifarx.cli.main import cli
 from cifarx.errors import CifarxError
-from cifarx.evaluate import environment, evaluate_onnx, gpu_environment, predict_logits
-from cifarx.onnxfile import create_session, model_info
+from cifarx.measure.evaluate import evaluate_onnx
+from cifarx.runtimes.measuring import environment, gpu_environment, predict_logits
+from cifarx.runtimes.onnxfile import create_session, model_info
 
 STATS = {"p50_ms", "p90_ms", "p99_ms", "images_per_s", "runs"}
 HAS_GPU = Path("/dev/nvidia0").exists()
@@ -60,7 +61,7 @@ def test_compare_torch_without_thread_count_pins_both_runtimes_to_torchs(trained
 
 
 def test_compare_torch_refuses_a_checkpoint_that_was_not_exported(trained_run, tmp_path):
-    from cifarx.checkpoint import read_checkpoint, save_checkpoint
+    from cifarx.training.checkpoint import read_checkpoint, save_checkpoint
 
     payload = read_checkpoint(trained_run["run"] / "best.pt")
     payload["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
@@ -108,7 +109,7 @@ def test_gpu_block_reads_nvidia_smi_when_present(trained_run, tmp_path, monkeypa
 
 
 def test_fp16_graph_keeps_parity_with_the_fp32_graph(trained_run, tmp_path):
-    from cifarx.export import export_onnx
+    from cifarx.deploy.export import export_onnx
 
     report = export_onnx(trained_run["run"], tmp_path / "half.onnx", fp16=True, parity_count=16)
     assert report["top1_agreement"] == 1.0

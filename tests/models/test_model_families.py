@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from cifarx.errors import CifarxError
 from cifarx.models.blocknet import Block
 from cifarx.models.shake_shake import ShakeShake, shake_shake
-from cifarx.registry import create_model
+from cifarx.models.registry import create_model
 
 
 def test_block_equals_k_separate_convolutions_mixed_by_predicted_weights():

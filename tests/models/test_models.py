@@ -4,25 +4,31 @@ import numpy as np
 import pytest
 import torch
 
-from cifarx.checkpoint import save_checkpoint
+from cifarx.training.checkpoint import save_checkpoint
+from conftest import REDUCED_WIDTH
 from cifarx.errors import CifarxError
-from cifarx.registry import create_model, list_models, register_model
+from cifarx.models.registry import create_model, list_models, register_model
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_registered_model_trains_exports_and_matches_onnx(name, tmp_path, image_folder):
+def full_width(name):
+    return pytest.param(name, {}, marks=pytest.mark.slow, id=f"{name}-full-width")
+
+
+@pytest.mark.parametrize("name, kwargs", [(name, REDUCED_WIDTH.get(name, {})) for name in list_models()]
+                         + [full_width(name) for name in REDUCED_WIDTH])
+def test_registered_model_trains_exports_and_matches_onnx(name, kwargs, tmp_path, image_folder):
     import onnxruntime as ort
 
-    from cifarx.export import export_onnx
+    from cifarx.deploy.export import export_onnx
 
     torch.manual_seed(0)
-    model = create_model(name, num_classes=4)
+    model = create_model(name, num_classes=4, **kwargs)
     images = torch.rand(4, 3, 32, 32)
     logits = model(images)
     assert logits.shape == (4, 4)
     labels = torch.tensor([0, 1, 2, 3])
     if hasattr(model, "default_objective"):  # parts off the logits path (a VAE's decoder) learn from their own loss
-        from cifarx.objectives import make_objective
+        from cifarx.training.objectives import make_objective
 
         make_objective(model.default_objective)(model, images, labels)["loss"].backward()
     else:
@@ -35,7 +41,7 @@ def test_registered_model_trains_exports_and_matches_onnx(name, tmp_path, image_
 
     model.eval()
     checkpoint = tmp_path / "model.pt"
-    save_checkpoint(checkpoint, model_name=name, model_kwargs={}, class_names=["airplane", "automobile", "bird", "cat"],
+    save_checkpoint(checkpoint, model_name=name, model_kwargs=kwargs, class_names=["airplane", "automobile", "bird", "cat"],
                     state_dict=model.state_dict(), config={"data": str(image_folder), "val_size": 8, "seed": 0},
                     metrics={"val_accuracy": 0.5})
     report = export_onnx(checkpoint, tmp_path / "model.onnx", parity_count=8)

@@ -13,12 +13,12 @@ import timm
 import torch
 
 from tests.conftest import ProgressRecorder
-from cifarx.checkpoint import load_model, read_checkpoint, save_checkpoint
-from cifarx.config import make_train_config
+from cifarx.training.checkpoint import load_model, read_checkpoint, save_checkpoint
+from cifarx.training.config import make_train_config
 from cifarx.errors import CifarxError
 from cifarx.models import transfer
 from cifarx.models.transfer import WEIGHTS_PACKAGES, create_timm_classifier, stages_of
-from cifarx.registry import create_model
+from cifarx.models.registry import create_model
 
 TINY = "test_efficientnet"  # timm's own test network: ~0.3M parameters, 6 stages (stem + 5 block stages)
 
@@ -82,7 +82,7 @@ def test_freeze_all_leaves_only_the_head_and_refuses_too_many_stages():
 
 
 def test_backbone_learning_rate_scale_splits_head_and_backbone_groups():
-    from cifarx.optimiser import parameter_groups
+    from cifarx.training.optimiser import parameter_groups
 
     model = create_timm_classifier(TINY, num_classes=4, img_size=32)
     config = make_train_config(model=f"timm/{TINY}", lr=0.1, backbone_lr_scale=0.01)
@@ -98,7 +98,7 @@ def test_backbone_learning_rate_scale_splits_head_and_backbone_groups():
 
 def test_training_loop_keeps_a_frozen_backbone_and_checkpoint_rebuilds_without_weights(image_folder, tmp_path,
                                                                                       tiny_weights):
-    from cifarx.train import train
+    from cifarx.training.run import train
 
     config = make_train_config(model=f"timm/{TINY}", data=str(image_folder), epochs=2, batch_size=16, val_size=16,
                                out=str(tmp_path / "run"), lr=1e-2,
@@ -119,7 +119,7 @@ def test_exported_resized_model_takes_32px_input_and_matches_onnx_runtime(image_
     import onnx
     import onnxruntime as ort
 
-    from cifarx.export import export_onnx
+    from cifarx.deploy.export import export_onnx
 
     model = create_timm_classifier(TINY, num_classes=4, img_size=56, weights=str(tiny_weights)).eval()
     checkpoint = tmp_path / "model.pt"
@@ -143,8 +143,9 @@ def test_exported_resized_model_takes_32px_input_and_matches_onnx_runtime(image_
 
 
 def test_cached_features_fit_the_head_and_reuse_the_cache(image_folder, tmp_path):
-    from cifarx.batches import split_train_val
-    from cifarx.train import evaluate, train
+    from cifarx.training.batches import split_train_val
+    from cifarx.training.loop import evaluate
+    from cifarx.training.run import train
 
     def run(name, reporter=None):
         config = make_train_config(model=f"timm/{TINY}", data=str(image_folder), epochs=3, batch_size=16, val_size=16,
@@ -174,7 +175,7 @@ def test_cached_features_fit_the_head_and_reuse_the_cache(image_folder, tmp_path
 def test_cli_transfer_options_reach_the_model(image_folder, tmp_path):
     from click.testing import CliRunner
 
-    from cifarx.cli import cli
+    from cifarx.cli.main import cli
 
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--model", f"timm/{TINY}", "--data", str(image_folder), "--epochs", "1",
@@ -190,7 +191,7 @@ def test_cli_transfer_options_reach_the_model(image_folder, tmp_path):
 def test_freeze_bn_keeps_every_batchnorm_as_built_while_the_rest_fine_tunes(image_folder, tmp_path, tiny_weights):
     from click.testing import CliRunner
 
-    from cifarx.cli import cli
+    from cifarx.cli.main import cli
 
     def batchnorm_state(model):
         layers = {name for name, m in model.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
@@ -217,7 +218,7 @@ def test_freeze_depthwise_keeps_the_depthwise_filters_while_the_pointwise_ones_f
                                                                                          tiny_weights):
     from click.testing import CliRunner
 
-    from cifarx.cli import cli
+    from cifarx.cli.main import cli
 
     def convs(model, depthwise):
         return {name: m.weight.detach().clone() for name, m in model.backbone.named_modules()
@@ -313,7 +314,7 @@ def test_offline_package_is_the_default_and_holds_imagenet_weights(package, monk
 
 
 def test_progressive_resizing_trains_at_rising_sizes_and_validates_at_img_size(image_folder, tmp_path, monkeypatch):
-    from cifarx import train as train_module
+    from cifarx.training import loop as train_module
 
     seen = []  # (training?, side) of every batch the backbone gets
 
@@ -341,7 +342,7 @@ def test_progressive_resizing_trains_at_rising_sizes_and_validates_at_img_size(i
     (dict(progressive_sizes=[32, 56]), "at or below --img-size 48"),
 ])
 def test_progressive_resizing_where_it_cannot_act_is_refused_in_one_line(image_folder, tmp_path, settings, message):
-    from cifarx.train import train
+    from cifarx.training.run import train
 
     values = dict(model=f"timm/{TINY}", data=str(image_folder), epochs=3, batch_size=16, val_size=16,
                   out=str(tmp_path / "run"), progressive_sizes=[32, 40], model_kwargs={"img_size": 48, "freeze": 2})

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from cifarx import data as datamod
-from cifarx.batches import split_train_val
-from cifarx.cli import cli
-from cifarx.config import make_train_config
+from cifarx.data import datasets as datamod
+from cifarx.training.batches import split_train_val
+from cifarx.cli.main import cli
+from cifarx.training.config import make_train_config
 from cifarx.errors import CifarxError
-from cifarx.objectives import make_objective
-from cifarx.registry import create_model
-from cifarx.train import train
+from cifarx.training.objectives import make_objective
+from cifarx.models.registry import create_model
+from cifarx.training.run import train
 from tests.conftest import assert_one_line_error
 
 
@@ -73,7 +73,7 @@ def test_mixed_batches_hold_a_fixed_labelled_share_and_oversample_evenly():
 
 def test_the_unlabelled_stream_never_yields_labels(image_folder, tmp_path, monkeypatch):
     """Every image the objective sees with a label is one of the labelled subset; all others arrive as -1."""
-    import cifarx.train as trainmod
+    import cifarx.training.loop as trainmod
 
     seen = []
 
@@ -181,7 +181,7 @@ def test_m2_consistency_trains_the_classifier_on_its_confident_pseudo_labels():
 
 
 def test_m2_consistency_distorts_the_strong_view_only_when_asked(monkeypatch):
-    from cifarx import objectives
+    from cifarx.training import objectives
 
     strengths = []
     monkeypatch.setattr(objectives, "random_colour_affine", lambda images, generator, strength: strengths.append(strength)
@@ -224,7 +224,7 @@ def test_a_deeper_q_y_x_is_a_registered_model_reading_the_image():
 
 
 def test_the_card_names_the_semi_supervised_method_with_its_consistency_term():
-    from cifarx.card import family_fields
+    from cifarx.deploy.card import family_fields
 
     config = {"labelled": 1500, "unlabelled": 10000, "objective": "vae-m2"}
     assert family_fields({}, config)["method"] == "vae-m2"
@@ -268,7 +268,7 @@ def test_tiny_run_loss_falls_and_figures_are_written(method, image_folder, tmp_p
 
 def test_ctrl_c_and_resume_of_a_semi_supervised_run_ends_like_an_uninterrupted_one(image_folder, tmp_path):
     from cifarx.errors import TrainingInterrupted
-    from tests.test_train import InterruptAt, assert_same_weights, final_weights
+    from tests.conftest import InterruptAt, assert_same_weights, final_weights
 
     reference = train(ssl_config(image_folder, tmp_path / "ref", epochs=2))
     with pytest.raises(TrainingInterrupted):
@@ -305,10 +305,10 @@ def test_cli_trains_exports_and_evaluates_the_classifier_path(image_folder, tmp_
 
 
 def test_model_vae_ssl_alone_means_the_m2_recipe_with_the_seeds_budget(monkeypatch):
-    import cifarx.train
+    import cifarx.training.run
 
     configs = []
-    monkeypatch.setattr(cifarx.train, "train", lambda config, reporter: configs.append(config) or {})
+    monkeypatch.setattr(cifarx.training.run, "train", lambda config, reporter: configs.append(config) or {})
     assert run_cli("train", "--model", "vae-ssl").exit_code == 0
     assert run_cli("train", "--model", "vae-ssl", "--method", "supervised", "--labelled", 500).exit_code == 0
     m2, supervised = configs

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from cifarx.report import DEFAULT_ORT_WEB, ORT_WEB_FILES
+from cifarx.report.site import DEFAULT_ORT_WEB, ORT_WEB_FILES
 from tests.conftest import assert_one_line_error, make_image_folder, run
 
 
 @pytest.fixture(scope="module")
 def exports(trained_run, tmp_path_factory) -> Path:
     """Two tiny exports of one run (plain, and with flip TTA in the graph), the first with its model card."""
-    from cifarx.card import write_model_card
-    from cifarx.export import export_onnx
+    from cifarx.deploy.card import write_model_card
+    from cifarx.deploy.export import export_onnx
 
     folder = tmp_path_factory.mktemp("exports")
     report = export_onnx(trained_run["run"], folder / "tiny.onnx", parity_count=16)
@@ -90,7 +90,7 @@ def test_report_bad_input_is_one_line(exports, tmp_path, ort_web):
 
 def _browser_or_skip():
     """Chromium, Playwright and the npm-installed onnxruntime-web; CI (CIFARX_REQUIRE_BROWSER=1) fails without them."""
-    from cifarx.browser import find_chromium
+    from cifarx.report.browser import find_chromium
 
     missing = []
     if find_chromium() is None:
@@ -100,18 +100,19 @@ def _browser_or_skip():
     except ImportError:
         missing.append("playwright (pip install playwright)")
     if not all((DEFAULT_ORT_WEB / name).is_file() for name in ORT_WEB_FILES):
-        missing.append("onnxruntime-web (npm ci --prefix cifarx/web)")
+        missing.append("onnxruntime-web (npm ci --prefix cifarx/report/web)")
     if missing and os.environ.get("CIFARX_REQUIRE_BROWSER") == "1":
         pytest.fail(f"browser test needs {', '.join(missing)}")
     if missing:
         pytest.skip(f"browser test needs {', '.join(missing)}")
 
 
+@pytest.mark.slow
 def test_browser_predictions_equal_onnxruntime_python(exports, tmp_path):
     """The two tiny exports in headless Chromium: every sample's prediction equals ONNX Runtime Python's."""
     _browser_or_skip()
-    from cifarx.browser import open_report
-    from cifarx.predict import predict
+    from cifarx.report.browser import open_report
+    from cifarx.runtimes.predict import predict
 
     samples = tmp_path / "samples"
     make_image_folder(samples, "", per_class=2, seed=3)

@@ -1,9 +1,8 @@
 """Runtimes other than ONNX Runtime: each installed one on a tiny export, every registered model's export loads on
 every installed runtime, a crashing runtime is a failed row (not a dead cifarx), a missing one is one line."""
 
+import dataclasses
 import json
-import os
-import signal
 
 import numpy as np
 import onnx
@@ -12,14 +11,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cifarx import runtimes
-from cifarx.cli import cli
-from cifarx.compare import compare_runtimes
-from cifarx.evaluate import evaluate_onnx
-from cifarx.portable import reorder_gelu
-from cifarx.registry import create_model, list_models
+from cifarx.runtimes import table as runtimes
+from conftest import REDUCED_WIDTH
+from cifarx.cli.main import cli
+from cifarx.measure.compare import compare_runtimes, pareto_front
+from cifarx.measure.evaluate import evaluate_onnx
+from cifarx.deploy.portable import reorder_gelu
+from cifarx.models.registry import create_model, list_models
 
-FOREIGN = [name for name in runtimes.RUNTIMES if name != runtimes.REFERENCE]
+FOREIGN = [name for name, row in runtimes.RUNTIMES.items() if row.adapter is not None]  # run in a child
 INSTALLED = [name for name in FOREIGN if runtimes.missing(name) is None]
 
 
@@ -47,15 +47,16 @@ def test_each_runtime_scores_a_tiny_export_like_onnx_runtime(trained_run, tmp_pa
     assert f"latency on {runtime}" in result.output and "agreement with ONNX Runtime CPU" in result.output
 
 
-def crash(path, threads):
-    """A runtime opener that dies the way OpenCV 5.0 did on fast.onnx."""
-    os.kill(os.getpid(), signal.SIGSEGV)
+def fake(monkeypatch, runtime, adapter, converter=None):
+    """Make the table's row for `runtime` run a fake adapter from runtime_fakes.py in its child process."""
+    row = dataclasses.replace(runtimes.RUNTIMES[runtime], adapter=f"runtime_fakes:{adapter}", converter=converter)
+    monkeypatch.setitem(runtimes.RUNTIMES, runtime, row)
 
 
 @pytest.mark.skipif(not INSTALLED, reason="no runtime besides ONNX Runtime is installed")
 def test_a_runtime_that_crashes_gives_a_failed_row_and_a_clean_exit(trained_run, tmp_path, monkeypatch):
     runtime = INSTALLED[0]
-    monkeypatch.setitem(runtimes.OPENERS, runtime, crash)  # the child runs the opener it is handed
+    fake(monkeypatch, runtime, "Segfault")
     result = run("compare", trained_run["onnx"], "--runtimes", f"onnxruntime,{runtime}", "--batch-sizes", 2,
                  "--repeats", 2, "--warmup", 0, "--json", tmp_path / "c.json")
     assert result.exit_code == 0, result.output
@@ -64,6 +65,28 @@ def test_a_runtime_that_crashes_gives_a_failed_row_and_a_clean_exit(trained_run,
     assert rows[1]["version"] == runtimes.version(runtime)
     result = run("eval", trained_run["onnx"], "--runtime", runtime, "--batch-sizes", 2, "--repeats", 2)
     assert result.exit_code == 1 and "killed by signal 11 (SIGSEGV)" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no runtime besides ONNX Runtime is installed")
+def test_a_runtime_that_hangs_is_stopped_after_the_timeout(trained_run, tmp_path, monkeypatch):
+    runtime = INSTALLED[0]
+    fake(monkeypatch, runtime, "Hang")
+    result = compare_runtimes([trained_run["onnx"]], ["onnxruntime", runtime], batch_sizes=[1], image_count=4,
+                              warmup=0, repeats=1, timeout=5)
+    assert [row["status"] for row in result["rows"]] == ["ok", "failed: no answer within 5 s (killed)"]
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no runtime besides ONNX Runtime is installed")
+def test_a_converter_that_refuses_gives_its_own_reason_and_leaves_no_artifact(trained_run, tmp_path, monkeypatch):
+    runtime = INSTALLED[0]
+    fake(monkeypatch, runtime, "RefusingConverter", converter="fake-converter")
+    result = compare_runtimes([trained_run["onnx"]], ["onnxruntime", runtime], batch_sizes=[1], image_count=4,
+                              warmup=0, repeats=1)
+    assert result["rows"][1]["status"] == "failed: unsupported operator: Erf"
+    out = tmp_path / "shipped"
+    converted = run("convert", trained_run["onnx"], "--to", runtime, "--out", out)
+    assert converted.exit_code == 1 and "unsupported operator: Erf" in converted.output
+    assert "Traceback" not in converted.output and not (out.exists() and any(out.iterdir()))
 
 
 def test_a_runtime_that_is_not_installed_is_one_line_naming_its_extra(trained_run, monkeypatch, tmp_path):
@@ -78,13 +101,13 @@ def test_a_runtime_that_is_not_installed_is_one_line_naming_its_extra(trained_ru
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert rows[1] == {"model": str(trained_run["onnx"]), "precision": "float32", "runtime": "opencv",
                        "status": "opencv is not installed: pip install 'cifarx[opencv]'"}
-    result = run("compare", trained_run["onnx"], "--runtimes", "onnxruntime,tflite")
-    assert result.exit_code == 2 and "unknown runtime tflite" in result.stderr
+    result = run("compare", trained_run["onnx"], "--runtimes", "onnxruntime,tflite-typo")
+    assert result.exit_code == 2 and "unknown runtime tflite-typo" in result.stderr
 
 
 def test_compare_measures_every_model_on_every_runtime_with_the_same_images(trained_run, tmp_path):
     int8 = tmp_path / "int8.onnx"
-    from cifarx.quantize import quantize_onnx
+    from cifarx.deploy.quantize import quantize_onnx
 
     quantize_onnx(trained_run["onnx"], int8, data=str(trained_run["data"]), calibration_count=16)
     result = compare_runtimes([trained_run["onnx"], int8], ["onnxruntime", *INSTALLED], batch_sizes=[1, 3],
@@ -98,10 +121,20 @@ def test_compare_measures_every_model_on_every_runtime_with_the_same_images(trai
     assert all(row["agreement"]["top1_agreement"] == 1.0 for row in rows if row["precision"] == "float32")
     assert all(row["status"].startswith(("ok", "failed: ")) for row in rows)
     png = tmp_path / "compare.png"
-    from cifarx.compare import save_compare_png
+    from cifarx.measure.compare import accuracy_latency_points, save_accuracy_latency_png, save_compare_png
 
     save_compare_png(result, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    chart = tmp_path / "chart.png"
+    save_accuracy_latency_png(result, chart)
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    points = accuracy_latency_points(result, "1")
+    assert len(points) == sum(row["status"] == "ok" for row in rows) and any(point["pareto"] for point in points)
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats():
+    points = [(1.0, 0.90), (2.0, 0.95), (1.5, 0.85), (3.0, 0.95), (0.5, 0.50), (1.0, 0.80)]
+    assert sorted(pareto_front(points)) == [0, 1, 4]  # (1.5, 0.85) is slower and worse than (1.0, 0.90)
 
 
 # ---------------------------------------------------------------------------------------------- exports load everywhere
@@ -142,13 +175,14 @@ def test_reordered_gelu_gives_the_same_bits_in_every_runtime_order():
 
 
 def _export_registered(name, tmp_path, image_folder, tta):
-    from cifarx.checkpoint import save_checkpoint
-    from cifarx.export import export_onnx
+    from cifarx.training.checkpoint import save_checkpoint
+    from cifarx.deploy.export import export_onnx
 
     torch.manual_seed(0)
-    model = create_model(name, num_classes=4).eval()
+    kwargs = REDUCED_WIDTH.get(name, {})
+    model = create_model(name, num_classes=4, **kwargs).eval()
     checkpoint = tmp_path / "model.pt"
-    save_checkpoint(checkpoint, model_name=name, model_kwargs={}, class_names=["airplane", "automobile", "bird", "cat"],
+    save_checkpoint(checkpoint, model_name=name, model_kwargs=kwargs, class_names=["airplane", "automobile", "bird", "cat"],
                     state_dict=model.state_dict(), config={"data": str(image_folder), "val_size": 8, "seed": 0},
                     metrics={"val_accuracy": 0.5})
     path = tmp_path / f"{name}-{tta}.onnx"

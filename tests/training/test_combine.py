@@ -23,7 +23,7 @@ def two_runs(image_folder, tmp_path):
 
 
 def test_combined_runs_answer_with_their_mean_logits_and_ship_as_one_file_with_a_card(two_runs, image_folder, tmp_path):
-    from cifarx.checkpoint import load_model
+    from cifarx.training.checkpoint import load_model
 
     out = tmp_path / "both"
     result = run("combine", *two_runs, "--out", out)
@@ -41,11 +41,11 @@ def test_combined_runs_answer_with_their_mean_logits_and_ship_as_one_file_with_a
         expected = torch.stack([load_model(r)[0](images) for r in two_runs]).mean(0)
         torch.testing.assert_close(ensemble(images), expected)
     assert payload["model"]["kwargs"]["members"][1]["kwargs"]["img_size"] == 40
-    from cifarx import data as datamod
-    from cifarx.batches import validation_split
+    from cifarx.data import datasets as datamod
+    from cifarx.data.split import ValidationSplit
 
     full = datamod.load_split(str(image_folder), "train")  # the members' split: 16 images held out with seed 0
-    val = full.subset(validation_split(full.labels, 16, 0, str(image_folder))[1])
+    val = ValidationSplit(16, 0).held_out(full, str(image_folder))
     with torch.no_grad():
         views = datamod.to_float(val.images)
         logits = (ensemble(views) + ensemble(views.flip(3))) / 2
@@ -78,9 +78,9 @@ def test_combine_refuses_runs_validated_on_other_images_a_single_run_and_a_used_
 def test_runs_of_other_seeds_hold_out_one_split_with_split_seed_so_they_combine(two_runs, image_folder, tmp_path):
     import onnx
 
-    from cifarx.batches import split_train_val
-    from cifarx.checkpoint import load_model
-    from cifarx.config import make_train_config
+    from cifarx.training.batches import split_train_val
+    from cifarx.training.checkpoint import load_model
+    from cifarx.training.config import make_train_config
 
     def held_out(**settings):
         return split_train_val(make_train_config(data=str(image_folder), val_size=16, **settings))[1].images

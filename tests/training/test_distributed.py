@@ -20,16 +20,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cifarx import distributed
-from cifarx.checkpoint import read_checkpoint
-from cifarx.cli import cli
-from cifarx.config import make_train_config
+from cifarx.training import distributed
+from cifarx.training.checkpoint import read_checkpoint
+from cifarx.cli.main import cli
+from cifarx.training.config import make_train_config
 from cifarx.errors import CifarxError
-from cifarx.batches import split_train_val, training_batches
-from cifarx.train import train
+from cifarx.training.batches import split_train_val, training_batches
+from cifarx.training.run import train
 from tests.conftest import make_image_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SETTINGS = dict(model="simple-cnn-plain", epochs=3, batch_size=16, val_size=16, optimizer="sgd", lr=0.02)
 
 
@@ -102,6 +102,7 @@ def reference_runs(tmp_path_factory) -> dict:
             "code": job.returncode, "stdout": stdout, "stderr": stderr}
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_like_one_process_on_the_same_global_batch(reference_runs):
     assert reference_runs["code"] == 0, reference_runs["stderr"][-3000:]
     two = reference_runs["two"]
@@ -119,6 +120,7 @@ def test_two_gloo_ranks_train_like_one_process_on_the_same_global_batch(referenc
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < WEIGHT_TOLERANCE
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_at_one_step_and_nproc_resume_ends_bit_for_bit_like_the_uninterrupted_job(
         reference_runs, tmp_path):
     cut = tmp_path / "cut"
@@ -141,6 +143,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_nproc_resume_ends_bit_for_bit_l
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_ends_the_job_with_one_clear_line_instead_of_a_hang(reference_runs, tmp_path):
     # Ranks started by hand (no torchrun agent to stop the survivor): the survivor must notice on its own.
     out, port = tmp_path / "run", free_port()
@@ -233,7 +236,7 @@ def test_nproc_runs_torchrun_with_the_same_options_as_an_argument_list(monkeypat
 def test_a_rank_ends_without_interpreter_finalization_keeping_its_output_and_exit_code(arguments, code):
     # gloo's worker threads may still free the last collective's tensors when a rank exits; during finalization
     # that aborts the process (cifarx.process.end_process). An atexit handler shows whether finalization ran.
-    script = ("import atexit, sys; atexit.register(print, 'finalized'); from cifarx.cli import main; "
+    script = ("import atexit, sys; atexit.register(print, 'finalized'); from cifarx.cli.main import main; "
               f"sys.argv = ['cifarx', *{arguments!r}]; main()")
     for world_size, finalized in (("2", False), ("1", True)):
         ended = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,

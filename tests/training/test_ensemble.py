@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from cifarx.errors import CifarxError
-from cifarx.objectives import make_objective
-from cifarx.registry import create_model
+from cifarx.training.objectives import make_objective
+from cifarx.models.registry import create_model
 
 TINY_FAST = {"widths": [8, 16, 16]}
 
@@ -48,7 +48,7 @@ def test_a_single_model_refuses_the_ensemble_objective_and_an_ensemble_needs_two
 
 
 def test_a_config_pairs_the_ensemble_model_with_its_objective_before_anything_runs():
-    from cifarx.config import make_train_config
+    from cifarx.training.config import make_train_config
 
     with pytest.raises(CifarxError, match="objective=ensemble"):
         make_train_config(preset="fast", model="ensemble")
@@ -57,9 +57,9 @@ def test_a_config_pairs_the_ensemble_model_with_its_objective_before_anything_ru
 
 
 def test_an_ensemble_run_trains_and_exports_with_parity(image_folder, tmp_path):
-    from cifarx.config import make_train_config
-    from cifarx.export import export_onnx
-    from cifarx.train import train
+    from cifarx.training.config import make_train_config
+    from cifarx.deploy.export import export_onnx
+    from cifarx.training.run import train
 
     config = make_train_config(preset="fast", data=str(image_folder), epochs=1, batch_size=32, val_size=32,
                                model="ensemble", model_kwargs={"member": "fast", "size": 2, "member_kwargs": TINY_FAST},

@@ -9,13 +9,13 @@ import timm
 import torch
 
 from tests.conftest import ProgressRecorder, assert_one_line_error, run
-from cifarx import prefix_cache
-from cifarx.checkpoint import load_model
-from cifarx.config import make_train_config
-from cifarx.data import to_float
+from cifarx.training import prefix_cache
+from cifarx.training.checkpoint import load_model
+from cifarx.training.config import make_train_config
+from cifarx.data.datasets import to_float
 from cifarx.errors import CifarxError
 from cifarx.models.transfer import TimmClassifier, create_timm_classifier
-from cifarx.prefix_cache import FromPrefix, PrefixInputs, compute_prefix
+from cifarx.training.prefix_cache import FromPrefix, PrefixInputs, compute_prefix
 
 TINY = "test_efficientnet"  # timm's own test network: 6 stages (stem + 5 block stages)
 
@@ -61,8 +61,8 @@ def test_cached_prefix_gives_the_whole_models_logits_for_plain_and_flipped_image
 
 def test_prefix_run_trains_only_the_trailing_stages_without_running_the_whole_model_and_exports_with_parity(
         image_folder, tmp_path, tiny_weights, monkeypatch):
-    from cifarx.batches import split_train_val
-    from cifarx.train import evaluate
+    from cifarx.training.batches import split_train_val
+    from cifarx.training.loop import evaluate
 
     whole_model_calls = []
     forward = TimmClassifier.forward
@@ -195,7 +195,7 @@ def test_a_cache_that_would_not_fit_is_refused_in_one_line_before_anything_is_wr
 
 
 def test_prefix_run_resumes_to_the_uninterrupted_result(image_folder, tmp_path, tiny_weights):
-    from cifarx.train import train
+    from cifarx.training.run import train
 
     def config(name, epochs):
         return make_train_config(model=f"timm/{TINY}", data=str(image_folder), epochs=epochs, batch_size=16,

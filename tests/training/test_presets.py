@@ -5,8 +5,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cifarx.cli import cli
-from cifarx.config import list_presets, load_preset, make_train_config
+from cifarx.cli.main import cli
+from cifarx.training.config import list_presets, load_preset, make_train_config
 from cifarx.errors import CifarxError
 
 REPORT_PRESETS = ["tp3-simple-cnn", "tp3-simple-cnn-plain", "tp3-simple-cnn-fast", "qmul-blocknet-small",
@@ -19,7 +19,7 @@ def test_every_preset_is_a_valid_described_recipe(name):
 
     import tomllib
 
-    text = (resources.files("cifarx.presets") / f"{name}.toml").read_text()
+    text = (resources.files("cifarx.training.presets") / f"{name}.toml").read_text()
     assert tomllib.loads(text).get("description", "").strip(), "each preset says what it reproduces"
     config = make_train_config(name)  # validates: known keys, optimiser, schedule, augmentations, model
     assert config.preset == name
@@ -31,7 +31,7 @@ def test_a_preset_extends_its_base_with_only_what_it_changes(tmp_path, monkeypat
                        "objective": "ensemble", "preset": "fast-ensemble"}
     (tmp_path / "a.toml").write_text('extends = "b"\nepochs = 1\n')
     (tmp_path / "b.toml").write_text('extends = "a"\n')
-    monkeypatch.setattr("cifarx.config.resources.files", lambda package: tmp_path)
+    monkeypatch.setattr("cifarx.training.config.resources.files", lambda package: tmp_path)
     with pytest.raises(CifarxError, match="extends itself through a -> b"):
         load_preset("a")
 

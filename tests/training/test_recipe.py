@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifarx.config import TrainConfig
+from cifarx.training.config import TrainConfig
 from cifarx.models.common import TestTimeAugmentation
-from cifarx.objectives import make_objective
-from cifarx.optimiser import build_optimizer, parameter_groups
-from cifarx.registry import create_model
+from cifarx.training.objectives import make_objective
+from cifarx.training.optimiser import build_optimizer, parameter_groups
+from cifarx.models.registry import create_model
 
 
 def test_whitening_init_whitens_patches():
@@ -34,9 +34,9 @@ def test_label_smoothing_matches_its_definition():
 
 
 def test_the_checkpoints_inference_weights_are_the_ema_not_the_trained_ones(image_folder, tmp_path):
-    from cifarx.checkpoint import read_checkpoint
-    from cifarx.config import make_train_config
-    from cifarx.train import train
+    from cifarx.training.checkpoint import read_checkpoint
+    from cifarx.training.config import make_train_config
+    from cifarx.training.run import train
 
     train(make_train_config(data=str(image_folder), epochs=1, batch_size=16, val_size=16, out=str(tmp_path / "run"),
                             lr=3e-3, ema_decay=0.5, ema_every=2))
@@ -80,8 +80,8 @@ def test_tta_averages_flipped_and_translated_views():
 
 
 def test_evaluation_with_tta_also_gives_the_plain_accuracy_from_the_same_forward_passes():
-    from cifarx.data import ImageSet
-    from cifarx.train import evaluate
+    from cifarx.data.datasets import ImageSet
+    from cifarx.training.loop import evaluate
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()  # its mirror image differs
@@ -104,8 +104,8 @@ def test_export_folds_tta_into_the_graph(trained_run, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from cifarx.checkpoint import load_model
-    from cifarx.export import export_onnx
+    from cifarx.training.checkpoint import load_model
+    from cifarx.deploy.export import export_onnx
 
     report = export_onnx(trained_run["run"], tmp_path / "tta.onnx", tta="flip-translate", parity_count=8)
     assert report["top1_agreement"] == 1.0
@@ -122,7 +122,7 @@ def test_export_folds_tta_into_the_graph(trained_run, tmp_path):
 
 
 def test_lookahead_pulls_weights_to_their_average_and_copies_it_back():
-    from cifarx.optimiser import Lookahead
+    from cifarx.training.optimiser import Lookahead
 
     model = torch.nn.Linear(3, 2)
     lookahead = Lookahead(model)
@@ -141,11 +141,11 @@ def test_lookahead_run_resumes_exactly(image_folder, tmp_path):
     import os
     import signal
 
-    from cifarx.checkpoint import read_checkpoint
-    from cifarx.config import make_train_config
+    from cifarx.training.checkpoint import read_checkpoint
+    from cifarx.training.config import make_train_config
     from cifarx.errors import TrainingInterrupted
-    from cifarx.runfolder import SilentReporter
-    from cifarx.train import train
+    from cifarx.training.runfolder import SilentReporter
+    from cifarx.training.run import train
 
     class InterruptAt(SilentReporter):
         def __init__(self):
@@ -174,7 +174,7 @@ def test_lookahead_run_resumes_exactly(image_folder, tmp_path):
 def test_muon_steps_the_conv_filters_and_the_other_optimiser_the_rest():
     import copy
 
-    from cifarx.optimiser import MuonForFilters, lr_factor
+    from cifarx.training.optimiser import MuonForFilters, lr_factor
 
     torch.manual_seed(0)
     model = create_model("fast").to(memory_format=torch.channels_last)  # as the loop trains it: no flat view exists
@@ -215,7 +215,7 @@ def test_muon_steps_the_conv_filters_and_the_other_optimiser_the_rest():
     assert all(p.grad is None for p in model.parameters())
 
     # One schedule for both: every group's lr, Muon's too, is its peak lr x the step's factor.
-    from cifarx.optimiser import build_scheduler
+    from cifarx.training.optimiser import build_scheduler
 
     config.schedule, config.warmup_epochs, config.epochs = "linear", 1, 2
     scheduler = build_scheduler(optimizer, 10, config)
@@ -233,8 +233,8 @@ def _train_until_interrupted(config, steps: int) -> None:
     import signal
 
     from cifarx.errors import TrainingInterrupted
-    from cifarx.runfolder import SilentReporter
-    from cifarx.train import train
+    from cifarx.training.runfolder import SilentReporter
+    from cifarx.training.run import train
 
     class InterruptAt(SilentReporter):
         def __init__(self):
@@ -250,15 +250,15 @@ def _train_until_interrupted(config, steps: int) -> None:
 
 
 def test_muon_run_resumes_exactly(image_folder, tmp_path):
-    from cifarx.config import make_train_config
+    from cifarx.training.config import make_train_config
 
     def config(name):
         return make_train_config(model="fast", data=str(image_folder), epochs=2, batch_size=16, val_size=16,
                                  out=str(tmp_path / name), optimizer="sgd", lr=0.05, lookahead_every=2,
                                  schedule="linear", warmup_epochs=0.5, muon=True)
 
-    from cifarx.checkpoint import read_checkpoint
-    from cifarx.train import train
+    from cifarx.training.checkpoint import read_checkpoint
+    from cifarx.training.run import train
 
     train(config("ref"))
     _train_until_interrupted(config("cut"), steps=7)  # mid-way through epoch 2 of 5 steps each
@@ -274,9 +274,9 @@ def test_muon_run_resumes_exactly(image_folder, tmp_path):
 
 
 def test_whitening_bias_trains_for_its_epochs_then_stays_and_bn_scales_never_move(image_folder, tmp_path):
-    from cifarx.checkpoint import read_checkpoint
-    from cifarx.config import make_train_config
-    from cifarx.train import train
+    from cifarx.training.checkpoint import read_checkpoint
+    from cifarx.training.config import make_train_config
+    from cifarx.training.run import train
 
     out = tmp_path / "run"
     # Lookahead on (every 2 of the 5 steps an epoch): its average would otherwise pull the frozen bias once more.
@@ -300,9 +300,9 @@ def test_whitening_bias_trains_for_its_epochs_then_stays_and_bn_scales_never_mov
 
 
 def test_whiten_bias_epochs_needs_a_whitening_conv(image_folder, tmp_path):
-    from cifarx.config import make_train_config
+    from cifarx.training.config import make_train_config
     from cifarx.errors import CifarxError
-    from cifarx.train import train
+    from cifarx.training.run import train
 
     config = make_train_config(model="simple-cnn", data=str(image_folder), epochs=1, batch_size=16, val_size=16,
                                out=str(tmp_path / "run"), whiten_bias_epochs=2)
@@ -312,8 +312,8 @@ def test_whiten_bias_epochs_needs_a_whitening_conv(image_folder, tmp_path):
 
 
 def test_alternating_flip_flips_each_image_every_other_epoch():
-    from cifarx.batches import check_batches, training_batches
-    from cifarx.data import ImageSet
+    from cifarx.training.batches import check_batches, training_batches
+    from cifarx.data.datasets import ImageSet
     from cifarx.errors import CifarxError
 
     count = 32

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from cifarx import self_training
-from cifarx.config import make_train_config
+from cifarx.training import self_training
+from cifarx.training.config import make_train_config
 from cifarx.errors import CifarxError
 
 TINY_TEACHER = {"model": "simple-cnn", "epochs": 2, "batch_size": 16, "lr": 3e-3, "optimizer": "adam"}
@@ -43,9 +43,9 @@ def test_selection_is_deterministic_for_a_seed_and_breaks_ties_by_it():
 
 
 def test_students_learn_the_teachers_labels_never_the_hidden_ones(image_folder, tmp_path, monkeypatch):
-    from cifarx import data as datamod
-    from cifarx.batches import split_train_val
-    from cifarx.train import train
+    from cifarx.data import datasets as datamod
+    from cifarx.training.batches import split_train_val
+    from cifarx.training.run import train
 
     # a teacher that calls every image class 2: if the hidden labels leaked, the students' labels would vary
     def constant_teacher(model, images, *settings):
@@ -68,8 +68,8 @@ def test_students_learn_the_teachers_labels_never_the_hidden_ones(image_folder, 
 
 def test_rounds_end_in_an_ordinary_run_that_exports_and_resume_reloads_the_teachers_predictions(
         image_folder, tmp_path, monkeypatch):
-    from cifarx.export import export_onnx
-    from cifarx.train import train
+    from cifarx.deploy.export import export_onnx
+    from cifarx.training.run import train
 
     run = tmp_path / "run"
     summary = train(tiny_config(image_folder, run))
@@ -131,7 +131,7 @@ class ConstantImageClassifier(torch.nn.Module):
 
 
 def test_fixmatch_pseudo_labels_below_their_class_threshold_contribute_nothing():
-    from cifarx.objectives import make_objective
+    from cifarx.training.objectives import make_objective
 
     objective = make_objective("fixmatch", num_classes=2, threshold=0.9, adaptive=False, align=False, cutout=0)
     sure, unsure = [4.0, 0.0], [0.0, 1.0]  # softmax 0.98 for class 0; 0.73 for class 1 (below 0.9)
@@ -144,7 +144,7 @@ def test_fixmatch_pseudo_labels_below_their_class_threshold_contribute_nothing()
 
 
 def test_fixmatch_class_thresholds_rise_as_the_model_grows_confident_in_a_class():
-    from cifarx.objectives import make_objective
+    from cifarx.training.objectives import make_objective
 
     objective = make_objective("fixmatch", num_classes=3, threshold=0.95, momentum=0.5, align=False, cutout=0)
     assert objective.class_thresholds().tolist() == [0.0, 0.0, 0.0]  # FlexMatch's warm-up: nothing learnt yet
@@ -160,8 +160,8 @@ def test_fixmatch_class_thresholds_rise_as_the_model_grows_confident_in_a_class(
 
 
 def test_fixmatch_state_is_saved_in_last_pt_for_resume(image_folder, tmp_path):
-    from cifarx.checkpoint import read_checkpoint
-    from cifarx.train import train
+    from cifarx.training.checkpoint import read_checkpoint
+    from cifarx.training.run import train
 
     config = make_train_config("ssl-fast-fixmatch", data=str(image_folder), val_size=16, labelled=24, epochs=2,
                                batch_size=32, out=str(tmp_path / "run"), tta="none")

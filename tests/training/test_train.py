@@ -1,17 +1,16 @@
-import os
 import platform
-import signal
 
 import pytest
 import torch
 
-from cifarx.batches import hardest, remembered_pick
-from cifarx.checkpoint import read_checkpoint
-from cifarx.config import TrainConfig, make_train_config
+from tests.conftest import InterruptAt, assert_same_weights, final_weights
+from cifarx.training.batches import hardest, remembered_pick
+from cifarx.training.checkpoint import read_checkpoint
+from cifarx.training.config import TrainConfig, make_train_config
 from cifarx.errors import CifarxError, TrainingInterrupted
-from cifarx.optimiser import lr_factor
-from cifarx.runfolder import SilentReporter
-from cifarx.train import train
+from cifarx.training.optimiser import lr_factor
+from cifarx.training.runfolder import SilentReporter
+from cifarx.training.run import train
 
 
 def tiny_config(folder, out, **overrides):
@@ -19,16 +18,6 @@ def tiny_config(folder, out, **overrides):
                   augment=["crop", "flip", "cutout"], cutout_size=8)
     values.update(overrides)
     return make_train_config(**values)
-
-
-def final_weights(run_dir):
-    return read_checkpoint(run_dir / "last.pt")["train_state"]["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_run_folder_has_config_metrics_curves_and_checkpoints(trained_run):
@@ -49,18 +38,6 @@ def test_same_seed_same_metrics_bit_for_bit(image_folder, tmp_path):
         (tmp_path / "b" / "metrics.csv").read_text().split("\n")[1].split(",")[:5]
     assert first["final_val_accuracy"] == second["final_val_accuracy"]
     assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
-
-
-class InterruptAt(SilentReporter):
-    """Sends SIGINT to this process after `steps` training steps, like a user's Ctrl-C."""
-
-    def __init__(self, steps):
-        self.remaining = steps
-
-    def advance(self, loss):
-        self.remaining -= 1
-        if self.remaining == 0:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.mark.parametrize("interrupt_after", [5, 10])  # mid-epoch, and at an epoch's last step (5 steps an epoch)
@@ -123,7 +100,7 @@ def test_lr_schedules_warm_up_then_decay():
 
 FAULTS_PER_REALLOCATION = """
 import resource, sys, torch
-import cifarx.train  # what a `cifarx train` process has loaded when the CLI sets the switch
+import cifarx.training.loop  # what a `cifarx train` process has loaded when the CLI sets the switch
 from cifarx.process import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "keep" else False
 blocks = [torch.ones(64 << 18) for _ in range(2)]  # 64 MB each, like a step's activations
@@ -156,9 +133,9 @@ def test_freed_training_memory_is_reused_without_page_faults():
 
 def test_ema_warmup_makes_a_short_run_judged_on_recent_weights_not_the_initial_ones(image_folder, tmp_path):
     """EMA decay 0.999 over a dozen steps keeps ~99% of the random init; with ema_warmup the decay starts near 0."""
-    from cifarx.checkpoint import read_checkpoint
-    from cifarx.config import make_train_config
-    from cifarx.train import train
+    from cifarx.training.checkpoint import read_checkpoint
+    from cifarx.training.config import make_train_config
+    from cifarx.training.run import train
 
     distances = {}
     for warmup in (False, True):
@@ -218,7 +195,7 @@ def test_hardest_keeps_the_highest_loss_images_scored_without_gradients_or_batch
 
 def test_hard_fraction_steps_on_batch_size_images_picked_from_a_pool_of_batch_size_over_fraction(
         image_folder, tmp_path, monkeypatch):
-    import cifarx.train as loop
+    import cifarx.training.loop as loop
 
     pools = []
 
@@ -252,7 +229,7 @@ def test_remembered_pick_takes_the_highest_remembered_losses_and_breaks_ties_at_
 
 def test_remembered_selection_goes_round_every_image_then_trains_where_the_remembered_loss_is_highest(
         image_folder, tmp_path, monkeypatch):
-    import cifarx.train as loop
+    import cifarx.training.loop as loop
 
     picks = []
 
@@ -322,8 +299,8 @@ def test_init_from_refuses_another_network_or_other_classes_in_one_line(image_fo
     with pytest.raises(CifarxError, match="the linear probe .* fits a new head without that loop"):
         make_train_config(model="timm/efficientnet_lite0", model_kwargs={"freeze": "all"}, cached_features=True,
                           init_from=str(tmp_path / "first"), data=str(image_folder))
-    from cifarx.checkpoint import load_initial_weights
-    from cifarx.registry import create_model
+    from cifarx.training.checkpoint import load_initial_weights
+    from cifarx.models.registry import create_model
 
     # same shapes, another function: a timm backbone built without the weights package's padding and epsilon
     with pytest.raises(CifarxError, match="was built with timm_kwargs None, this run with .*the same --weights"):

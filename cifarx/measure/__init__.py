@@ -1,0 +1,1 @@
+"""Measuring exported files: accuracy, latency, and the models x runtimes matrix."""

@@ -1,0 +1,1 @@
+"""The static report site and the headless browser that checks it."""
