@@ -52,6 +52,18 @@ RUNTIMES = {row.name: row for row in (
             threads="INFERENCE_NUM_THREADS", embed="ov::Core::compile_model (C++), openvino.Core (Python)"),
     Runtime("opencv", "OpenCV DNN", "cv2", "opencv", "cifarx.runtimes.adapters.opencv", threads="cv2.setNumThreads",
             embed="cv::dnn::readNetFromONNX (C++), org.opencv.dnn.Dnn (Java/Kotlin)"),
+    Runtime("ncnn", "ncnn", "ncnn", "ncnn", "cifarx.runtimes.adapters.ncnn", converter="pnnx", artifact=".param",
+            threads="Option.num_threads",
+            embed="ncnn::Net load_param/load_model + Extractor (C++; Android and iOS builds)",
+            feed="one image per extract: float32 [3,32,32] (CHW), RGB, pixels / 255, into blob in0; out0 = logits, "
+                 "out1 = probabilities"),
+    Runtime("mnn", "MNN", "MNN", "mnn", "cifarx.runtimes.adapters.mnn", converter="MNNConvert", artifact=".mnn",
+            threads="numThread of the runtime manager",
+            embed="MNN::Express::Module::load (C++), MNN's Java API on Android, MNN.framework on iOS"),
+    Runtime("iree", "IREE (llvm-cpu)", "iree.runtime", "iree", "cifarx.runtimes.adapters.iree",
+            converter="iree-import-onnx + iree-compile", artifact=".vmfb",
+            threads="--task_topology_max_group_count",
+            embed="iree_runtime_session_call_by_name (C API), iree.runtime (Python); compiled for one CPU target"),
 )}
 
 
