@@ -64,6 +64,10 @@ RUNTIMES = {row.name: row for row in (
             converter="iree-import-onnx + iree-compile", artifact=".vmfb",
             threads="--task_topology_max_group_count",
             embed="iree_runtime_session_call_by_name (C API), iree.runtime (Python); compiled for one CPU target"),
+    Runtime("litert", "LiteRT (TensorFlow Lite)", "ai_edge_litert", "litert", "cifarx.runtimes.adapters.litert",
+            converter="onnx2tf", artifact=".tflite", threads="Interpreter(num_threads=)",
+            embed="org.tensorflow.lite.Interpreter / CompiledModel (Kotlin/Java), TFLInterpreter (Swift), "
+                  "tflite::Interpreter (C++)"),
 )}
 
 
