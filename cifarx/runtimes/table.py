@@ -39,6 +39,7 @@ class Runtime:
     threads: str = ""  # how its thread count is set
     embed: str = ""  # how an application loads the artifact (the API names apps use)
     feed: str = "float32 [N,3,32,32], RGB, pixels / 255 (normalisation is inside the model)"  # what the app feeds
+    converter_env: str | None = None  # a converter outside this environment: the variable naming its python
 
 
 RUNTIMES = {row.name: row for row in (
@@ -66,6 +67,7 @@ RUNTIMES = {row.name: row for row in (
             embed="iree_runtime_session_call_by_name (C API), iree.runtime (Python); compiled for one CPU target"),
     Runtime("litert", "LiteRT (TensorFlow Lite)", "ai_edge_litert", "litert", "cifarx.runtimes.adapters.litert",
             converter="onnx2tf", artifact=".tflite", threads="Interpreter(num_threads=)",
+            converter_env="CIFARX_ONNX2TF_PYTHON",
             embed="org.tensorflow.lite.Interpreter / CompiledModel (Kotlin/Java), TFLInterpreter (Swift), "
                   "tflite::Interpreter (C++)"),
 )}
@@ -95,10 +97,14 @@ def parse_runtimes(text: str) -> list[str]:
 
 def missing(runtime: str) -> str | None:
     """None if `runtime` is installed, else the one line that says how to install it."""
+    import os
+
     row = RUNTIMES[runtime]
-    if importlib.util.find_spec(row.package) is not None:
-        return None
-    return f"{runtime} is not installed: pip install 'cifarx[{row.extra}]'" if row.extra else f"{runtime} is not installed"
+    if importlib.util.find_spec(row.package) is None:
+        return f"{runtime} is not installed: pip install 'cifarx[{row.extra}]'" if row.extra else f"{runtime} is not installed"
+    if row.converter_env and not os.path.isfile(os.environ.get(row.converter_env, "")):
+        return f"{runtime}'s converter {row.converter} is not set up: {row.converter_env} names its python (docs/runtimes.md)"
+    return None
 
 
 def require(runtime: str) -> None:

@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_ci_runs_the_readme_install_and_test_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    install = 'pip install -e ".[lite0,lite2,openvino,opencv,test]"'
+    install = 'pip install -e ".[lite0,lite2,openvino,opencv,ncnn,mnn,iree,litert,test]"'
     assert f"{install} && cifarx train" in readme and install in ci
     assert "python -m pytest -q" in readme and "python -m pytest -q" in ci
     # the report's browser test needs Chromium and onnxruntime-web: the README's way to get them is CI's
