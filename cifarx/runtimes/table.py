@@ -70,6 +70,11 @@ RUNTIMES = {row.name: row for row in (
             converter_env="CIFARX_ONNX2TF_PYTHON",
             embed="org.tensorflow.lite.Interpreter / CompiledModel (Kotlin/Java), TFLInterpreter (Swift), "
                   "tflite::Interpreter (C++)"),
+    Runtime("executorch", "ExecuTorch (XNNPACK)", "executorch", "executorch", "cifarx.runtimes.adapters.executorch",
+            converter="onnx2torch + torch.export + XNNPACK lowering", artifact=".pte",
+            threads="the XNNPACK threadpool (process-wide)",
+            embed="executorch::extension::Module (C++), org.pytorch.executorch.Module (Kotlin/Java), "
+                  "ExecuTorch.framework (Swift)"),
 )}
 
 
