@@ -68,14 +68,18 @@ def int8_report(fp32: Path, int8: Path, images: np.ndarray, batch_sizes: list[in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="image folder with train/<class>/ (real images)")
-    parser.add_argument("--models", nargs="*", type=Path, default=sorted((ROOT / "exported").glob("*.onnx")))
-    parser.add_argument("--int8", nargs="*", default=["fast", "simple-cnn"], help="model stems to quantise")
+    parser.add_argument("--models", nargs="*", type=Path,  # smallest first: a time-boxed run measures the most models
+                        default=sorted((ROOT / "exported").glob("*.onnx"), key=lambda path: path.stat().st_size))
+    parser.add_argument("--int8", nargs="*", default=[], help="model stems to quantise with ONNX Runtime and add")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", default="1,256")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma list (default: every row of the table)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per runtime and model, conversion included")
+    parser.add_argument("--parts", type=Path, default=ROOT / "benchmarks/results/runtime-matrix",
+                        help="one JSON per model, kept: a rerun measures only the models not there yet")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/runtimes.json")
     parser.add_argument("--chart", type=Path, default=ROOT / "docs/runtimes-accuracy-latency.png")
     args = parser.parse_args()
@@ -84,7 +88,9 @@ def main() -> None:
     train = datamod.load_split(args.data, "train")
     sample = np.sort(np.random.default_rng(0).permutation(len(train))[: args.images])
     training_images = train.images[sample].numpy()
-
+    common = {"batch_sizes": batch_sizes, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+              "timeout": args.timeout}
+    args.parts.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         int8_files, result["int8"] = [], {}
         for stem in args.int8:
@@ -94,21 +100,25 @@ def main() -> None:
             result["int8"][stem].update(int8_report(fp32, int8, training_images, batch_sizes, args.threads, args.repeats))
             int8_files.append(int8)
             print(f"int8 {stem}: speedup {result['int8'][stem]['speedup']}", flush=True)
-        files = [*args.models, *int8_files]
-        held_out = [path for path in files if has_val_split(path)]
-        runtimes = args.runtimes.split(",")
-        common = {"batch_sizes": batch_sizes, "threads": args.threads, "repeats": args.repeats, "warmup": 3,
-                  "timeout": args.timeout}
-        matrix = compare_runtimes(held_out, runtimes, data=args.data, split="val", image_count=args.images, **common)
-        rows = matrix["rows"]
-        others = [path for path in files if path not in held_out]
-        if others:  # agreement on real (training) images: no accuracy for a model that saw them all
-            rows += compare_runtimes(others, runtimes, images=training_images, image_count=None, **common)["rows"]
-    save_accuracy_latency_png({**matrix, "rows": [row for row in rows if "accuracy" in row]}, args.chart)
+        for path in [*args.models, *int8_files]:
+            part = args.parts / f"{path.name}.json"
+            if part.is_file():
+                continue
+            if has_val_split(path):
+                measured = compare_runtimes([path], args.runtimes.split(","), data=args.data, split="val",
+                                            image_count=args.images, **common)
+            else:  # agreement on real (training) images: no accuracy for a model that saw them all
+                measured = compare_runtimes([path], args.runtimes.split(","), images=training_images,
+                                            image_count=None, **common)
+            atomic_write_json(part, measured)
+            print(f"{path.name}: " + ", ".join(f"{row['runtime']} {row['status'][:40]}" for row in measured["rows"]),
+                  flush=True)
+    parts = [json.loads(path.read_text()) for path in sorted(args.parts.glob("*.json"))]
+    rows = [row for part in parts for row in part["rows"]]
+    save_accuracy_latency_png({**parts[0], "rows": [row for row in rows if "accuracy" in row]}, args.chart)
     for row in rows:
         row["model"] = Path(row["model"]).name
-    result["compare"] = rows
-    result["fastest"] = fastest_per_model(rows, batch_sizes)
+    result.update(compare=rows, environment=parts[0]["environment"], fastest=fastest_per_model(rows, batch_sizes))
     atomic_write_json(args.out, result)
     print_markdown(result, batch_sizes)
 

@@ -43,7 +43,7 @@ def convert(onnx_path: Path, out_dir: Path) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="cifarx-pnnx-") as folder:
         scratch = Path(folder)
         try:
-            source = rewritten_copy(Path(onnx_path), scratch, views_unrolled)
+            source = rewritten_copy(Path(onnx_path), scratch, views_unrolled, strided_slices_as_pools)
         except ValueError:  # the batch axis used some other way: pnnx gets the file as it is, and says what fails
             source = scratch / "model.onnx"
             shutil.copyfile(onnx_path, source)
@@ -98,6 +98,33 @@ def open_runtime(artifact: Path, threads: int | None):
         return [np.stack(values) for values in results]
 
     return run, f"CPU (ncnn {versions()['runtime']}, {net.opt.num_threads} threads, float32)"
+
+
+def strided_slices_as_pools(model) -> int:
+    """Each Slice that keeps every k-th row or column from the start (x[:, :, ::k, ::k], shake-shake's shortcut) as
+    an AveragePool of a 1x1 window with that stride: the same elements. Why: pnnx refuses "slice with step 2"."""
+    from onnx import helper
+
+    graph = model.graph
+    values = {name: value.reshape(-1).tolist() for name, value in constants(graph).items()}
+    nodes, count = [], 0
+    for node in graph.node:
+        parts = [values.get(name) for name in node.input[1:5]] if node.op_type == "Slice" and len(node.input) == 5 else None
+        if parts and None not in parts:
+            starts, ends, axes, steps = parts
+            by_axis = {axis % 4: (start, end, step) for start, end, axis, step in zip(starts, ends, axes, steps)}
+            if (set(by_axis) <= {2, 3} and all(start == 0 and end >= 2**31 - 1 and step > 1
+                                               for start, end, step in by_axis.values())):
+                strides = [by_axis.get(axis, (0, 0, 1))[2] for axis in (2, 3)]
+                nodes.append(helper.make_node("AveragePool", [node.input[0]], list(node.output), kernel_shape=[1, 1],
+                                              strides=strides))
+                count += 1
+                continue
+        nodes.append(node)
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
 
 
 # ---------------------------------------------------------------------------------------------- the ONNX pre-pass
