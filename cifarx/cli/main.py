@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import types
 import typing
 import sys
 import warnings
@@ -188,7 +189,8 @@ def _setting_option(item, hint):
     default = item.default_factory() if callable(item.default_factory) else item.default
     if default not in (None, [], ""):
         help_text += f" [default: {','.join(map(str, default)) if isinstance(default, list) else default}]"
-    alternatives = [option for option in typing.get_args(hint) if option is not type(None)]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    alternatives = [option for option in typing.get_args(hint) if option is not type(None)] if union else [hint]
     base = alternatives[0] if len(alternatives) == 1 else hint
     if base is bool:
         return click.option(f"{name}/--no-{name[2:]}", item.name, default=None, help=help_text)

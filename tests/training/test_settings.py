@@ -76,3 +76,19 @@ def test_the_card_command_rebuilds_the_same_config_through_the_cli(monkeypatch):
     rebuilt = seen[0].to_dict()
     for name in ("epochs", "lr", "augment", "tta", "label_smoothing", "model", "model_kwargs"):
         assert rebuilt[name] == config.to_dict()[name], name
+
+
+def test_generated_options_parse_lists_unions_and_flags(monkeypatch, image_folder, tmp_path):
+    import cifarx.training.run
+    from click.testing import CliRunner
+
+    seen = []
+    monkeypatch.setattr(cifarx.training.run, "train", lambda config, reporter: seen.append(config) or {})
+    result = CliRunner().invoke(cli, ["train", "--model", "fast", "--data", str(image_folder), "--epochs", "3",
+                                      "--augment", "crop,cutout", "--no-channels-last", "--labelled", "8",
+                                      "--unlabelled", "all", "--set", "objective=fixmatch", "--tta", "flip",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    config = seen[0]
+    assert config.augment == ["crop", "cutout"] and config.channels_last is False
+    assert config.unlabelled == "all" and config.labelled == 8 and config.tta == "flip" and config.epochs == 3
