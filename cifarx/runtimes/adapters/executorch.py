@@ -7,7 +7,8 @@ then torch.export (dynamic batch 1..MAX_BATCH) -> to_edge_transform_and_lower(Xn
 onnx2torch 1.5.15 has no converters for the opset-18 forms the dynamo exporter writes (ReduceMean/ReduceMax with
 axes as input, Resize-18, Pad-18, Reshape allowzero=1), so the ONNX graph is first rewritten to opset 17 with the
 same arithmetic (onnx.version_converter; Pad without `axes` kept as is; allowzero=1 -> 0 where the target shape
-is a constant without zeros; noop_with_empty_axes=0 dropped). Nothing here imports torch at module import time.
+is a constant without zeros; noop_with_empty_axes=0 dropped; negative Reduce axes made positive, since
+XNNPACK's amax lowering rejects dim -1/-2). Nothing here imports torch at module import time.
 """
 
 from __future__ import annotations
