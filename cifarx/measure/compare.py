@@ -143,8 +143,10 @@ def save_accuracy_latency_png(result: dict, path: str | Path, batch: int | None 
     for point in points:
         axis.scatter(point["latency_ms"], 100 * point["accuracy"], color=colours[runtimes.index(point["runtime"]) % len(colours)],
                      marker="*" if point["pareto"] else "o", s=90 if point["pareto"] else 40, zorder=3)
-        axis.annotate(f"{point['model']} {point['precision']}", (point["latency_ms"], 100 * point["accuracy"]),
-                      fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for model in dict.fromkeys((point["model"], point["precision"]) for point in points):  # one label a model
+        fastest = min((p for p in points if (p["model"], p["precision"]) == model), key=lambda p: p["latency_ms"])
+        axis.annotate(f"{model[0]} {model[1]}", (fastest["latency_ms"], 100 * fastest["accuracy"]), fontsize=7,
+                      xytext=(-4, 6), textcoords="offset points", ha="right")
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["latency_ms"])
     axis.plot([p["latency_ms"] for p in front], [100 * p["accuracy"] for p in front], "k--", lw=0.8, label="Pareto front")
     for index, runtime in enumerate(runtimes):

@@ -40,6 +40,7 @@ class Runtime:
     embed: str = ""  # how an application loads the artifact (the API names apps use)
     feed: str = "float32 [N,3,32,32], RGB, pixels / 255 (normalisation is inside the model)"  # what the app feeds
     converter_env: str | None = None  # a converter outside this environment: the variable naming its python
+    distribution: str | None = None  # the pip distribution whose version is the runtime's, where the module has several
 
 
 RUNTIMES = {row.name: row for row in (
@@ -62,7 +63,7 @@ RUNTIMES = {row.name: row for row in (
             threads="numThread of the runtime manager",
             embed="MNN::Express::Module::load (C++), MNN's Java API on Android, MNN.framework on iOS"),
     Runtime("iree", "IREE (llvm-cpu)", "iree.runtime", "iree", "cifarx.runtimes.adapters.iree",
-            converter="iree-import-onnx + iree-compile", artifact=".vmfb",
+            converter="iree-import-onnx + iree-compile", artifact=".vmfb", distribution="iree-base-runtime",
             threads="--task_topology_max_group_count",
             embed="iree_runtime_session_call_by_name (C API), iree.runtime (Python); compiled for one CPU target"),
     Runtime("litert", "LiteRT (TensorFlow Lite)", "ai_edge_litert", "litert", "cifarx.runtimes.adapters.litert",
@@ -125,5 +126,6 @@ def version(runtime: str) -> str | None:
     from importlib.metadata import packages_distributions
     from importlib.metadata import version as package_version
 
-    packages = packages_distributions().get(RUNTIMES[runtime].package, [])
+    row = RUNTIMES[runtime]
+    packages = [row.distribution] if row.distribution else packages_distributions().get(row.package.split(".")[0], [])
     return package_version(packages[0]) if packages else None
