@@ -723,7 +723,7 @@ def test_every_row_of_docs_reliability_names_a_test_that_exists():
     import re
 
     page = (REPO / "docs" / "reliability.md").read_text()
-    defined = {m for path in (REPO / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
+    defined = {m for path in (REPO / "tests").rglob("test_*.py") for m in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
     rows = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith(("| Input", "| Fault", "| File"))]
     for row in rows:
         assert re.search(r"`(test_\w+|bad_input\[)", row), f"a row without a test: {row[:80]}"
