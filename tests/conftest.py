@@ -108,8 +108,8 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-class InterruptAt(SilentReporter):
-    """Sends SIGINT to this process after `steps` training steps, like a user's Ctrl-C."""
+class AtStep(SilentReporter):
+    """A reporter that does `act()` once, after `steps` training steps."""
 
     def __init__(self, steps):
         self.remaining = steps
@@ -117,4 +117,11 @@ class InterruptAt(SilentReporter):
     def advance(self, loss):
         self.remaining -= 1
         if self.remaining == 0:
-            os.kill(os.getpid(), signal.SIGINT)
+            self.act()
+
+
+class InterruptAt(AtStep):
+    """Sends SIGINT to this process after `steps` training steps, like a user's Ctrl-C."""
+
+    def act(self):
+        os.kill(os.getpid(), signal.SIGINT)

@@ -3,13 +3,12 @@ import platform
 import pytest
 import torch
 
-from tests.conftest import InterruptAt, assert_same_weights, final_weights
+from tests.conftest import AtStep, InterruptAt, assert_same_weights, final_weights
 from cifarx.training.batches import hardest, remembered_pick
 from cifarx.training.checkpoint import read_checkpoint
 from cifarx.training.config import TrainConfig, make_train_config
 from cifarx.errors import CifarxError, TrainingInterrupted
 from cifarx.training.optimiser import lr_factor
-from cifarx.training.runfolder import SilentReporter
 from cifarx.training.run import train
 
 
@@ -52,16 +51,11 @@ def test_ctrl_c_checkpoints_and_resume_ends_like_an_uninterrupted_run(image_fold
     assert (tmp_path / "cut" / "metrics.csv").read_text().splitlines()[1:] != []
 
 
-class CrashAt(SilentReporter):
+class CrashAt(AtStep):
     """Dies without any cleanup after `steps` steps: what is on disk then is what kill -9 would leave."""
 
-    def __init__(self, steps):
-        self.remaining = steps
-
-    def advance(self, loss):
-        self.remaining -= 1
-        if self.remaining == 0:
-            raise SystemError("simulated crash")
+    def act(self):
+        raise SystemError("simulated crash")
 
 
 def test_resume_after_a_crash_mid_epoch_ends_like_an_uninterrupted_run(image_folder, tmp_path):
