@@ -46,7 +46,7 @@ def main() -> None:
     model.get_classifier().weight.data.copy_(head["model.backbone.classifier.weight"])
     model.get_classifier().bias.data.copy_(head["model.backbone.classifier.bias"])
     full = datamod.load_split(args.data, "train")
-    _, val_index = ValidationSplit(split["val_size"], split["seed"]).indices(full.labels, args.data)
+    _, val_index = ValidationSplit(split["val_size"], split["seed"]).indices(full, args.data)
     images, labels = full.images[val_index[: args.images]], full.labels[val_index[: args.images]]
     start = time.perf_counter()
     with torch.no_grad():

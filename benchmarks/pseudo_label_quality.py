@@ -24,7 +24,7 @@ from cifarx.training.config import TrainConfig
 def hidden_labels(config: TrainConfig) -> torch.Tensor:
     """The true label of each row of the run's (semi-supervised) training set, unlabelled rows included."""
     full = datamod.load_split(config.data, "train", config.data_root)
-    train_index, _ = ValidationSplit.of_run(config.to_dict()).indices(full.labels, config.data)
+    train_index, _ = ValidationSplit.of_run(config.to_dict()).indices(full, config.data)
     train = full.subset(train_index)
     if config.train_size and config.train_size < len(train):
         _, keep = datamod.stratified_split(train.labels, config.train_size, config.seed + 1)

@@ -54,9 +54,9 @@ def parity_images(payload: dict, data: str | None, data_root: str | None, count:
         full = datamod.load_split(source, "train", data_root or config.get("data_root"))
     except CifarxError as error:
         raise CifarxError(f"parity check needs real images: {error} (pass --data DIR)") from None
-    split = ValidationSplit.of_run(config)
+    split = ValidationSplit.of_checkpoint(payload)
     # a run that held nothing out trained on every image: any of them shows parity
-    index = split.indices(full.labels, source)[1] if split.size else torch.arange(len(full))
+    index = split.indices(full, source)[1] if split.size else torch.arange(len(full))
     return datamod.to_float(full.images[index[:count]])
 
 
@@ -102,7 +102,8 @@ def build_metadata(payload: dict, checkpoint: Path, opset: int, tta: str, prepro
         "model_name": payload["model"]["name"],
         "model_kwargs": json.dumps(payload["model"]["kwargs"]),
         "val_accuracy": json.dumps(metrics.get("val_accuracy")),
-        "val_split": json.dumps({"data": config.get("data"), "val_size": config.get("val_size"), "seed": split.seed}),
+        "val_split": json.dumps({"data": config.get("data"), "val_size": config.get("val_size"), "seed": split.seed,
+                                 "digest": payload.get("val_digest")}),
         "checkpoint_sha256": file_sha256(checkpoint),
         "cifarx_version": cifarx.__version__,
         "torch_version": torch.__version__,

@@ -55,7 +55,7 @@ def calibration_images(data: str, info: dict, count: int, data_root: str | None 
     """`count` training images, stratified by class, outside the validation split recorded in the model."""
     full = datamod.load_split(data, "train", data_root)
     split = ValidationSplit.of_model(recorded_val_split(info)) or ValidationSplit(0, 0)
-    kept = split.indices(full.labels, data)[0]
+    kept = split.indices(full, data)[0]
     if count < len(kept):
         _, chosen = datamod.stratified_split(full.labels[kept], count, seed)
         kept = kept[chosen]

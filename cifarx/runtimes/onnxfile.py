@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 from cifarx.errors import CifarxError
@@ -152,10 +153,11 @@ def model_info(session) -> dict:
 
 
 def recorded_val_split(info: dict) -> dict:
-    """The validation split recorded in a model's metadata: {'val_size': int >= 0 or None, 'seed': int or None}."""
+    """The validation split recorded in a model's metadata: {'val_size': int >= 0 or None, 'seed': int or None,
+    'digest': the held-out images' digest (16 hex digits) or None}."""
     raw = info["metadata"].get("val_split")
     if raw is None:
-        return {"val_size": None, "seed": None}
+        return {"val_size": None, "seed": None, "digest": None}
     try:
         recorded = json.loads(raw)
     except ValueError:
@@ -166,7 +168,10 @@ def recorded_val_split(info: dict) -> dict:
         value = recorded.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise CifarxError(f"model metadata val_split {key} must be a whole number >= 0, got {_shorten(json.dumps(value))}")
-    return {"val_size": recorded.get("val_size"), "seed": recorded.get("seed")}
+    digest = recorded.get("digest")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{16}", digest)):
+        raise CifarxError(f"model metadata val_split digest must be 16 hex digits, got {_shorten(json.dumps(digest))}")
+    return {"val_size": recorded.get("val_size"), "seed": recorded.get("seed"), "digest": digest}
 
 
 def _shorten(text: str, limit: int = 60) -> str:

@@ -20,8 +20,10 @@ VERSION = 1
 
 def save_checkpoint(path: str | Path, *, model_name: str, model_kwargs: dict, class_names: list[str],
                     state_dict: dict, config: dict, metrics: dict, train_state: dict | None = None,
-                    export_metadata: dict | None = None) -> None:
+                    export_metadata: dict | None = None, val_digest: str | None = None) -> None:
     """Write a checkpoint atomically. `state_dict` holds the weights to use for inference (EMA if any).
+
+    `val_digest`: what identifies the validation images the run held out (`cifarx.data.split.images_digest`).
 
     `export_metadata`: extra ONNX metadata of the model (e.g. a transfer backbone's name and weights source).
     """
@@ -37,6 +39,7 @@ def save_checkpoint(path: str | Path, *, model_name: str, model_kwargs: dict, cl
         "config": config,
         "metrics": metrics,
         "train_state": train_state,
+        "val_digest": val_digest,
     }
     atomic_torch_save(payload, path)
 

@@ -19,7 +19,7 @@ from cifarx.data import datasets as datamod
 from cifarx.training.checkpoint import load_weights, read_checkpoint, resolve_checkpoint, save_checkpoint
 from cifarx.data.split import ValidationSplit
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_write_json
+from cifarx.io import atomic_write_json, file_sha256
 from cifarx.models.registry import create_model
 from cifarx.training.runfolder import check_new_run_folder, run_record, train_command
 from cifarx.training.loop import evaluate
@@ -30,13 +30,14 @@ MEMBER_FIGURES = ("train_seconds", "epochs_run", "train_images", "best_val_accur
 def _check_members(checkpoints: list[Path], payloads: list[dict]) -> None:
     """Same classes and the same validation images, else the ensemble's validation figure would be meaningless."""
     first, reference = checkpoints[0], payloads[0]
-    reference_split = ValidationSplit.of_run(reference["config"])
+    reference_split = ValidationSplit.of_checkpoint(reference)
     for path, payload in zip(checkpoints[1:], payloads[1:]):
         if payload["class_names"] != reference["class_names"]:
             raise CifarxError(f"{path} was trained on the classes {', '.join(payload['class_names'])}; {first} on "
                               f"{', '.join(reference['class_names'])}")
-        split = ValidationSplit.of_run(payload["config"])
-        if split != reference_split:
+        split = ValidationSplit.of_checkpoint(payload)
+        digests = {split.digest, reference_split.digest} - {None}
+        if split != reference_split or len(digests) > 1:
             raise CifarxError(f"{path} held out val_size {split.size} with seed {split.seed}, {first} "
                               f"val_size {reference_split.size} with seed {reference_split.seed}: a member would be "
                               "validated on images another one trained on")
@@ -60,6 +61,11 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
     out = Path(out)
     check_new_run_folder(out)
     checkpoints = [resolve_checkpoint(run) for run in runs]
+    digests = [file_sha256(path) for path in checkpoints]
+    for index, digest in enumerate(digests):
+        if digest in digests[:index]:  # an ensemble of one network, its training time counted twice
+            raise CifarxError(f"{checkpoints[index]} is the same checkpoint as {checkpoints[digests.index(digest)]}: "
+                              "combine different runs")
     payloads = [read_checkpoint(path) for path in checkpoints]
     _check_members(checkpoints, payloads)
     reference = payloads[0]
@@ -70,7 +76,7 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
     load_weights(model, state, out, "ensemble")
     model.eval()
 
-    split = ValidationSplit.of_run(reference["config"])
+    split = ValidationSplit.of_checkpoint(reference)
     data = data or reference["config"].get("data")
     data_root = data_root or reference["config"].get("data_root")
     if not split.size:
@@ -107,6 +113,6 @@ def combine_runs(runs: list[str | Path], out: str | Path, *, data: str | None = 
     save_checkpoint(out / "best.pt", model_name="ensemble", model_kwargs={"members": members}, class_names=class_names,
                     state_dict=state, config=config,
                     metrics={"val_accuracy": accuracy, **{k: v for k, v in summary.items() if k.startswith("best_val_accuracy_tta")}},
-                    export_metadata={"members": json.dumps(members_metadata)})
+                    export_metadata={"members": json.dumps(members_metadata)}, val_digest=split.digest)
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifarx.data import datasets as datamod
+from cifarx.data.split import images_digest
 from cifarx.training import runfolder
 from cifarx.training.batches import check_batches, resolve_device, split_train_val, stream_seed
 from cifarx.training.checkpoint import save_checkpoint
@@ -176,7 +177,8 @@ def _fit_head(config: TrainConfig, reporter, model: nn.Module, train_set: datamo
     def checkpoint(name: str, metrics: dict) -> None:
         save_checkpoint(run_dir / name, model_name=config.model, model_kwargs=model.rebuild_kwargs,
                         class_names=train_set.class_names, state_dict=model.state_dict(), config=config.to_dict(),
-                        metrics=metrics, export_metadata=model.export_metadata)
+                        metrics=metrics, export_metadata=model.export_metadata,
+                        val_digest=images_digest(val_set) if len(val_set) else None)
 
     checkpoint("last.pt", {"val_accuracy": state.history[-1]["val_accuracy"], "epoch": config.epochs})
     head.load_state_dict(best_head)

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifarx.data import datasets as datamod
+from cifarx.data.split import images_digest
 from cifarx.training import distributed
 from cifarx.training import runfolder
 from cifarx.training.batches import (check_batches, drawn_batch_size, hardest, picked_batches, remembered_pick,
@@ -74,7 +75,8 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     forward_dtype = getattr(torch, config.precision)  # of the training step's forward pass
 
     # ------------------------------------------------------------------ data
-    train_set, val_set = ranks.main_first(split_train_val, config)
+    train_set, val_set = ranks.main_first(split_train_val, config, payload and payload.get("val_digest"))
+    val_digest = images_digest(val_set) if len(val_set) else None
     check_batches(train_set, config)
     class_names = train_set.class_names
     if payload is not None and class_names != payload["class_names"]:
@@ -136,7 +138,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
         save_checkpoint(
             run_dir / name, model_name=config.model, model_kwargs=model_kwargs, class_names=class_names,
             state_dict=inference_model.state_dict(), config=config.to_dict(), metrics=metrics, train_state=train_state,
-            export_metadata=getattr(model, "export_metadata", None),
+            export_metadata=getattr(model, "export_metadata", None), val_digest=val_digest,
         )
 
     # ------------------------------------------------------------------ the run folder: ours until the run ends
@@ -335,6 +337,9 @@ def _resumable(resume: str | Path, options: dict) -> tuple[TrainConfig, dict]:
     resume = Path(resume)
     last = resume / "last.pt" if resume.is_dir() else resume
     if not last.is_file():
+        if (resume / "best.pt").is_file() and not (resume / "summary.json").is_file():
+            raise CifarxError(f"nothing to resume: {resume} stopped before its first resumable checkpoint (best.pt, "
+                              f"no last.pt); start it again with --out {resume}, which replaces it")
         raise CifarxError(f"nothing to resume: no last.pt in {resume}")
     payload = read_checkpoint(last)
     if not payload.get("train_state"):
