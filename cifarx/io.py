@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
+import re
 import stat
 import tempfile
 import zipfile
@@ -45,13 +47,17 @@ def _check_regular(target: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success move it over `target`, on any failure remove it."""
+    """Yield a temporary path beside `target`; on success move it over `target`, on any failure remove it.
+
+    The temporary file stays locked (flock) while it is written, so the next write of the same target can tell the
+    temporary files of killed writers (unlocked: removed) from those of live ones (locked: left alone)."""
     target = Path(target)
     _check_regular(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target)
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(handle)
+        fcntl.flock(handle, fcntl.LOCK_EX)
     except OSError as error:
         raise CifarxError(f"cannot write to {target.parent}: {error.strerror or error}") from None
     temporary = Path(name)
@@ -65,6 +71,27 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(handle)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove the temporary files a killed write of `target` left (`.NAME.XXXXXXXX.tmp`, no live writer's lock)."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"[a-z0-9_]{8}\.tmp")
+    for path in target.parent.iterdir():
+        if not pattern.fullmatch(path.name):
+            continue
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone already, or not ours to read
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # locked: a write in progress
+        finally:
+            os.close(handle)
 
 
 def current_umask() -> int:

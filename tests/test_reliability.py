@@ -909,3 +909,47 @@ def test_export_metadata_names_the_opset_that_was_written(trained_run, tmp_path)
     written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     metadata = {p.key: p.value for p in model.metadata_props}
     assert written == 20 and metadata["opset"] == "20" and "opset 20" in result.output
+
+
+def test_a_run_killed_between_best_and_last_checkpoint_can_be_started_again(image_folder, tmp_path):
+    """best.pt without last.pt (a kill or a full disk at the first epoch's end): nothing to resume, so the resume
+    says to start again, and starting again in the same folder is allowed."""
+    run_dir = tmp_path / "run"
+    train(tiny_config(image_folder, run_dir, epochs=1))
+    (run_dir / "last.pt").unlink()
+    (run_dir / "summary.json").unlink()
+    assert_one_line_error(run("train", "--resume", run_dir), "nothing to resume", "start it again", str(run_dir))
+    again = run("train", "--data", image_folder, "--out", run_dir, "--epochs", 1, "--batch-size", 16, "--val-size", 16)
+    assert again.exit_code == 0, again.output
+    assert (run_dir / "last.pt").is_file()
+
+
+def test_combine_refuses_the_same_checkpoint_twice(trained_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run["run"], copy)  # another folder, the same network
+    result = run("combine", trained_run["run"], copy, "--out", tmp_path / "pair")
+    assert_one_line_error(result, "is the same checkpoint as")
+    assert not (tmp_path / "pair").exists()
+
+
+def test_the_next_write_removes_what_a_killed_write_left_but_not_a_live_writers_file(tmp_path):
+    from cifarx import io
+
+    target = tmp_path / "model.onnx"
+    stale = tmp_path / ".model.onnx.abc12345.tmp"  # a writer killed mid-write
+    stale.write_bytes(b"half")
+    other = tmp_path / ".model.onnx.json.abc12345.tmp"  # another target's temporary file
+    other.write_bytes(b"x")
+    with io.atomic_path(target) as live:
+        live.write_bytes(b"being written")
+        io.atomic_write_text(target, "a concurrent write of the same target")  # must not remove `live`
+        assert live.exists()
+    assert not stale.exists() and other.exists() and target.read_bytes() == b"being written"
+    assert temporary_files(tmp_path) == [other]
+
+
+def test_a_data_folder_with_one_class_is_refused(tmp_path):
+    data = make_image_folder(tmp_path / "data", "train", classes=["cat"], per_class=32)
+    result = run("train", "--data", data, "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 16)
+    assert_one_line_error(result, "one class (cat)", "two or more")
+    assert not (tmp_path / "run" / "last.pt").exists()

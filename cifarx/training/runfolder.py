@@ -69,6 +69,8 @@ class RunState:
 def check_new_run_folder(run_dir: Path) -> None:
     """Refuse, in one line, a folder that holds a run's checkpoints: a new run there would overwrite them."""
     held = [name for name in CHECKPOINTS if (run_dir / name).exists()]
+    if held == ["best.pt"] and not (run_dir / "summary.json").exists():
+        return  # stopped before its first resumable checkpoint: nothing to resume, so a new run may replace it
     if held:
         raise CifarxError(f"{run_dir} already holds a run ({', '.join(held)}); continue it with --resume {run_dir}, "
                           "or give another --out")
