@@ -54,11 +54,12 @@ def serve(folder: str | Path) -> Iterator[str]:
 
 
 def open_report(site: str | Path, *, chromium: str | None = None, screenshot: str | Path | None = None,
-                timeout_s: float = 300) -> dict:
+                timeout_s: float = 300, probe: str | None = None) -> dict:
     """Load SITE/index.html over http in headless Chromium, wait for the demo to finish, return its results.
 
     Returns {"results": [{model, image, predicted, probability, ms}], "table_rows": [model names in the
-    overview table], "status": the page's status line}; `screenshot` keeps a PNG of the overview section.
+    overview table], "status": the page's status line}; `screenshot` keeps a PNG of the overview section; `probe`, a
+    JavaScript expression, is evaluated once the demo is done and its value returned as "probe".
     """
     from playwright.sync_api import sync_playwright
 
@@ -80,9 +81,10 @@ def open_report(site: str | Path, *, chromium: str | None = None, screenshot: st
                 model: e.dataset.model, image: e.dataset.image, predicted: e.dataset.predicted,
                 probability: Number(e.dataset.probability), ms: Number(e.dataset.ms)}))""")
             rows = page.eval_on_selector_all("#models tbody tr", "rows => rows.map(r => r.dataset.rowModel)")
+            probed = page.evaluate(probe) if probe is not None else None
             if screenshot is not None:
                 with atomic_path(screenshot) as temporary:
                     page.locator("#overview").screenshot(path=str(temporary), type="png")
         finally:
             browser.close()
-    return {"results": results, "table_rows": rows, "status": status}
+    return {"results": results, "table_rows": rows, "status": status, "probe": probed}

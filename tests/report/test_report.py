@@ -6,31 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cifarx.report.site import DEFAULT_ORT_WEB, ORT_WEB_FILES
+from cifarx.report.site import ORT_WEB_FILES
 from tests.conftest import assert_one_line_error, make_image_folder, run
-
-
-@pytest.fixture(scope="module")
-def exports(trained_run, tmp_path_factory) -> Path:
-    """Two tiny exports of one run (plain, and with flip TTA in the graph), the first with its model card."""
-    from cifarx.deploy.card import write_model_card
-    from cifarx.deploy.export import export_onnx
-
-    folder = tmp_path_factory.mktemp("exports")
-    report = export_onnx(trained_run["run"], folder / "tiny.onnx", parity_count=16)
-    write_model_card(trained_run["run"], folder / "tiny.onnx", report, [], "cifarx export run -o tiny.onnx --card")
-    export_onnx(trained_run["run"], folder / "tiny-flip.onnx", tta="flip", parity_count=16)
-    return folder
-
-
-@pytest.fixture
-def ort_web(tmp_path) -> Path:
-    """Stand-ins for onnxruntime-web's files, for the tests that never open a browser."""
-    folder = tmp_path / "ort-web"
-    folder.mkdir()
-    for name in ORT_WEB_FILES:
-        (folder / name).write_text("// stand-in")
-    return folder
 
 
 def test_report_table_sections_and_non_exports(exports, trained_run, ort_web, tmp_path):
@@ -38,8 +15,8 @@ def test_report_table_sections_and_non_exports(exports, trained_run, ort_web, tm
     shutil.copytree(exports, models)
     (models / "garbage.onnx").write_bytes(b"not a protobuf at all")
     eval_json = tmp_path / "eval.json"
-    assert run("eval", models / "tiny.onnx", "--data", trained_run["data"], "--batch-sizes", "1,256", "--repeats", 2,
-               "--warmup", 0, "--json", eval_json).exit_code == 0
+    assert run("eval", models / "tiny.onnx", "--data", trained_run["data"], "--repeats", 2, "--warmup", 0,
+               "--json", eval_json).exit_code == 0  # at eval's default batch sizes, 1 and 64, as README's user runs it
     site = tmp_path / "site"
     result = run("report", models, "-o", site, "--evals", eval_json, "--ort-web", ort_web)
     assert result.exit_code == 0, result.output
@@ -51,7 +28,8 @@ def test_report_table_sections_and_non_exports(exports, trained_run, ort_web, tm
     tiny = next(part for part in page.split('<section class="model"') if part.startswith(' id="model-tiny">'))
     assert 'class="per-class"' in tiny and 'class="confusion"' in tiny  # from the eval JSON
     assert 'class="curves"' in tiny  # the card names the run folder, whose metrics.csv is at hand
-    assert "onnxruntime cpu: p50 ms, batch 1" in page and "flip TTA in the graph" in page
+    assert "onnxruntime cpu: images/s, largest batch" in page and "<small>batch 64</small>" in page  # what was measured
+    assert "<small>batch 1</small>" in page and "flip TTA in the graph" in page
     assert "model card (best val accuracy)" in page and "ONNX metadata (best validation epoch)" in page  # sources named
 
 
@@ -88,29 +66,9 @@ def test_report_bad_input_is_one_line(exports, tmp_path, ort_web):
     assert not (tmp_path / "site").exists()  # checked before anything was written
 
 
-def _browser_or_skip():
-    """Chromium, Playwright and the npm-installed onnxruntime-web; CI (CIFARX_REQUIRE_BROWSER=1) fails without them."""
-    from cifarx.report.browser import find_chromium
-
-    missing = []
-    if find_chromium() is None:
-        missing.append("chromium (apt-get install -y chromium)")
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        missing.append("playwright (pip install playwright)")
-    if not all((DEFAULT_ORT_WEB / name).is_file() for name in ORT_WEB_FILES):
-        missing.append("onnxruntime-web (npm ci --prefix cifarx/report/web)")
-    if missing and os.environ.get("CIFARX_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"browser test needs {', '.join(missing)}")
-    if missing:
-        pytest.skip(f"browser test needs {', '.join(missing)}")
-
-
 @pytest.mark.slow
-def test_browser_predictions_equal_onnxruntime_python(exports, tmp_path):
+def test_browser_predictions_equal_onnxruntime_python(exports, browser, tmp_path):
     """The two tiny exports in headless Chromium: every sample's prediction equals ONNX Runtime Python's."""
-    _browser_or_skip()
     from cifarx.report.browser import open_report
     from cifarx.runtimes.predict import predict
 
