@@ -7,3 +7,11 @@ class CifarxError(Exception):
 
 class TrainingInterrupted(CifarxError):
     """Ctrl-C during training: a checkpoint was written and the run can be resumed."""
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """'did you mean X? ' for the nearest of `choices` to a mistyped `name` (as click suggests commands), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}? " if close else ""

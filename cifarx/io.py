@@ -94,6 +94,21 @@ def _remove_stale_temporaries(target: Path) -> None:
             os.close(handle)
 
 
+def folder_locked(folder: str | os.PathLike) -> bool:
+    """Whether a process holds `folder`'s flock now (a run folder: a `cifarx train` in progress)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(handle)
+
+
 def current_umask() -> int:
     """The process's umask (reading it means setting it: set back at once)."""
     mask = os.umask(0)

@@ -870,7 +870,7 @@ def test_text_that_looks_like_rich_markup_is_printed_as_it_is(tmp_path):
     result = run("train", "--data", folder, "--epochs", "1", "--batch-size", "8", "--val-size", "4", "--out", out)
     assert result.exit_code == 0, result.output
     printed = result.output.replace("\n", "")  # rich wraps long lines at spaces
-    assert f"on {folder} -> {out}" in printed
+    assert f"images of {folder} (" in printed and f"-> {out}" in printed
     result = run("export", out, "-o", model, "--parity-images", "4")
     assert result.exit_code == 0, result.output
     assert f"wrote {model}" in result.output.replace("\n", "")

@@ -6,9 +6,11 @@ never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shlex
+import time
 import types
 import typing
 import sys
@@ -23,8 +25,15 @@ from cifarx.training.config import SSL_METHODS
 from cifarx.errors import CifarxError, TrainingInterrupted
 from cifarx.runtimes.table import PROVIDERS, REFERENCE, RUNTIMES
 
-console = Console()
-error_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    """rich's console; without a terminal (a pipe, CI, a nohup log) rich assumes 80 columns and cuts every table cell
+    and line to fit, so there it gets room for whole rows."""
+    terminal = Console(stderr=stderr)
+    return terminal if terminal.is_terminal else Console(stderr=stderr, width=1000)
+
+
+console = _console()
+error_console = _console(stderr=True)
 
 
 class CifarxGroup(click.Group):
@@ -129,33 +138,77 @@ def _parse_settings(ctx, param, values):
 # ---------------------------------------------------------------------------------------------- train
 
 
-class RichReporter:
-    """A progress bar per epoch and one line of metrics at its end."""
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
-    def __init__(self):
+
+class RichReporter:
+    """A progress bar per epoch with the time left in the epoch and in the run, and one line of metrics at its end.
+    Without a terminal (a log file) a plain progress line every quarter of an epoch instead of a bar."""
+
+    LOG_LINES_PER_EPOCH = 4
+
+    def __init__(self, bars: bool | None = None):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
+        self.bars = console.is_terminal if bars is None else bars
         self.epoch_progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-            TimeElapsedColumn(), console=console, transient=True,
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[run_left]}"),
+            console=console, transient=True,
         )
         self.task = None
         # One-off passes (a Lite2 prefix cache: ~15 min on 2 cores) get a bar with the time left, no loss.
         self.pass_progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
         self.pass_tasks = {}
+        # the run's step rate, measured from this process's first step (a resumed run's replayed steps excluded)
+        self.first_step = None  # (run position, time) of the first step this process trained
+        self.position = self.total = self.epoch_steps = self.done = 0
+        self.epoch_label = ""
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        self.epoch_progress.start()
-        self.task = self.epoch_progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, loss=float("nan"))
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        self.epoch_steps, self.done, self.total = steps, done, epochs * steps
+        self.position = epoch * steps + done
+        self.epoch_label = f"epoch {epoch + 1}/{epochs}"
+        self.epoch_start = time.perf_counter()
+        if self.bars:
+            self.epoch_progress.start()
+            self.task = self.epoch_progress.add_task(self.epoch_label, total=steps, completed=done, loss="",
+                                                     run_left=self._run_left())
 
     def advance(self, loss: float) -> None:
-        self.epoch_progress.update(self.task, advance=1, loss=loss)
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step = (self.position, now)
+        self.position += 1
+        self.done += 1
+        if self.bars:
+            self.epoch_progress.update(self.task, advance=1, loss=f"loss {loss:.3f}", run_left=self._run_left())
+        elif self.done * self.LOG_LINES_PER_EPOCH // self.epoch_steps > (self.done - 1) * self.LOG_LINES_PER_EPOCH // self.epoch_steps:
+            console.print(f"{self.epoch_label}  {self.done}/{self.epoch_steps}  loss {loss:.3f}  "
+                          f"{_duration(now - self.epoch_start)} elapsed  {self._run_left()}", highlight=False)
+
+    def _run_left(self) -> str:
+        """The run's time left at this process's step rate (validation included after the first epoch)."""
+        if self.first_step is None or self.position == self.first_step[0]:
+            return ""
+        start, started = self.first_step
+        seconds = (time.perf_counter() - started) / (self.position - start) * (self.total - self.position)
+        return f"run ~{_duration(seconds)} left"
+
+    def close(self) -> None:
+        """Take the bars off the screen (before an interruption's message, which would else follow the bar)."""
+        if self.bars:
+            self.epoch_progress.stop()
+            self.pass_progress.stop()
 
     def end_epoch(self, row: dict) -> None:
-        self.epoch_progress.remove_task(self.task)
-        self.epoch_progress.stop()
+        if self.bars:
+            self.epoch_progress.remove_task(self.task)
+            self.epoch_progress.stop()
         validation = ("no validation split" if math.isnan(row["val_accuracy"])  # --val-size 0
                       else f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}")
         console.print(
@@ -168,6 +221,17 @@ class RichReporter:
         console.print(escape(text), highlight=False)
 
     def progress(self, description: str, done: int, total: int) -> None:
+        if not self.bars:  # a log: a line at each quarter, with the time left at the pass's rate so far
+            started, shown = self.pass_tasks.setdefault(description, [time.perf_counter(), 0])
+            quarter = done * self.LOG_LINES_PER_EPOCH // max(total, 1)
+            if quarter > shown:
+                self.pass_tasks[description][1] = quarter
+                elapsed = time.perf_counter() - started
+                left = f"  ~{_duration(elapsed / done * (total - done))} left" if 0 < done < total else ""
+                console.print(f"{description}  {done}/{total}  {_duration(elapsed)} elapsed{left}", highlight=False)
+            if done >= total:
+                self.pass_tasks.pop(description)
+            return
         if description not in self.pass_tasks:
             self.pass_progress.start()
             self.pass_tasks[description] = self.pass_progress.add_task(description, total=total)
@@ -176,6 +240,15 @@ class RichReporter:
             self.pass_progress.remove_task(self.pass_tasks.pop(description))
             if not self.pass_tasks:
                 self.pass_progress.stop()
+
+
+@contextlib.contextmanager
+def _reporting():
+    reporter = RichReporter()
+    try:
+        yield reporter
+    finally:
+        reporter.close()
 
 
 def _parse_names(ctx, param, value):
@@ -261,7 +334,8 @@ def train(preset, method, model_args, settings, resume, nproc, img_size, freeze,
         if nproc:
             launch_training(nproc, click.get_current_context().obj["command"], resume)
             return
-        summary = run_training(resume=resume, reporter=RichReporter(), resume_options=given)
+        with _reporting() as reporter:
+            summary = run_training(resume=resume, reporter=reporter, resume_options=given)
     else:
         config = make_train_config(recipe_preset(preset, method, options["model"]), settings=settings,
                                    model_args={**model_args, **transfer_args},
@@ -273,9 +347,8 @@ def train(preset, method, model_args, settings, resume, nproc, img_size, freeze,
             check_batch_split(config.batch_size, nproc)
             launch_training(nproc, click.get_current_context().obj["command"], config.out)
             return
-        console.print(f"training [bold]{escape(config.model)}[/] on {escape(config.data)} -> {escape(config.out)}",
-                      highlight=False)
-        summary = run_training(config, reporter=RichReporter())
+        with _reporting() as reporter:
+            summary = run_training(config, reporter=reporter)
     console.print_json(json.dumps(summary))
 
 
@@ -713,6 +786,8 @@ def models(pattern, timm_pattern):
     names = [name for name in builtin_model_names() if fnmatch.fnmatch(name, pattern)]  # without importing torch
     console.print("[bold]models[/]: " + ", ".join(names), highlight=False)
     console.print("[bold]presets[/]: " + ", ".join(list_presets()), highlight=False)
+    console.print("and any timm model as timm/<name>: `cifarx models --timm PATTERN` lists them (e.g. --timm "
+                  "'efficientnet_lite*')", highlight=False)
 
 
 def main() -> None:

@@ -59,7 +59,12 @@ def load_split(data: str, split: str, data_root: str | os.PathLike | None = None
         raise CifarxError(f"data folder not found: {data} (give an image folder with train/ and/or test/, or 'cifar10')")
     folder = root / split
     if not folder.is_dir():
-        raise CifarxError(f"no {split}/ folder in {data}: expected {data}/{split}/<class>/<image files>")
+        hint = ""
+        if split == "test" and (root / "train").is_dir():
+            hint = "; it has train/ only: score the model's validation split (held out of train/) with --split val"
+        elif any(child.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in child.iterdir()) for child in root.iterdir()):
+            hint = f"; {data} looks like a split folder itself (class folders of images): give its parent, --data {root.parent}"
+        raise CifarxError(f"no {split}/ folder in {data}: expected {data}/{split}/<class>/<image files>{hint}")
     return _load_image_folder(folder, Path(data_root) if data_root else default_cache_dir())
 
 

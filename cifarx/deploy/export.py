@@ -16,7 +16,7 @@ from cifarx.training import runfolder
 from cifarx.training.checkpoint import load_model, resolve_checkpoint
 from cifarx.data.split import ValidationSplit
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_path, check_writable, file_sha256
+from cifarx.io import atomic_path, check_writable, file_sha256, folder_locked
 from cifarx.models.common import TestTimeAugmentation, preprocessing_of
 from cifarx.deploy.portable import make_portable
 from cifarx.runtimes.measuring import compare_outputs
@@ -119,9 +119,15 @@ def _warn_if_unfinished(checkpoint: Path, payload: dict) -> None:
         return  # a checkpoint outside a run folder: nothing to compare with
     record = runfolder.run_record(checkpoint.parent)
     if not record["finished"]:
-        epoch = (payload.get("metrics") or {}).get("epoch", "?")
-        warnings.warn(f"{checkpoint.parent} is an unfinished run ({record['epochs_run']} of {record['epochs']} epochs "
-                      f"trained): exporting {checkpoint.name} from epoch {epoch}")
+        state = "in progress" if folder_locked(checkpoint.parent) else "stopped before its end"
+        epoch = (payload.get("metrics") or {}).get("epoch")
+        if epoch is None:  # a Ctrl-C last.pt: mid-epoch weights
+            run_state = (payload.get("train_state") or {}).get("run", {})
+            held = f"from epoch {run_state.get('epoch', 0) + 1}, step {run_state.get('step_in_epoch', 0)}"
+        else:
+            held = f"after epoch {epoch}"
+        warnings.warn(f"{checkpoint.parent} is a run {state} ({record['epochs_run']} of {record['epochs']} epochs "
+                      f"trained): exporting {checkpoint.name}, the weights {held}")
 
 
 def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFAULT_OPSET, tta: str = "none",

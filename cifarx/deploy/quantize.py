@@ -135,9 +135,9 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
     if quantized_ops:  # ONNX Runtime's tools would fail deep inside on a graph that already has them
         raise CifarxError(f"{model_path} is already quantised (it has {', '.join(quantized_ops)} nodes); "
                           "quantise its float32 export")
-    images = calibration_images(data, info, calibration_count, data_root, seed)
-    if compare_split is not None:
+    if compare_split is not None:  # the images it will be compared on exist, before calibration's long pass
         load_eval_images(data, compare_split, recorded_val_split(info), data_root)
+    images = calibration_images(data, info, calibration_count, data_root, seed)
     settings = {"format": "QDQ", "weights": "int8", "activations": activation_type, "per_channel": per_channel,
                 "reduce_range": reduce_range, "keep_ends_fp32": keep_ends_fp32, "op_types": list(WEIGHTED_OPS),
                 "calibration_method": calibration_method, "cpu_int8_isa": INT8_ISA.get(isa), "chosen_by": chosen_by,

@@ -14,6 +14,7 @@ import numpy as np
 from cifarx.data import datasets as datamod
 from cifarx.data.split import load_eval_images
 from cifarx.errors import CifarxError
+from cifarx.io import file_sha256
 from cifarx.runtimes.child import run_in_child
 from cifarx.runtimes.measuring import (batched_outputs, compare_outputs, environment, float_batch, input_dtype,
                                        latency_stats, measure_latency, predict_logits, score, session_runner,
@@ -119,7 +120,8 @@ def evaluate_onnx(model_path: str | Path, *, data: str | None, split: str = "tes
 
     session = open_session(thread_counts[0])
     info = model_info(session)
-    result: dict = {"model": str(model_path), "provider": session.get_providers()[0], "class_names": info["class_names"]}
+    # the file's digest: what `cifarx report` attaches this result by (a file name says nothing about its content)
+    result: dict = {"model": str(model_path), "model_sha256": file_sha256(model_path), "provider": session.get_providers()[0], "class_names": info["class_names"]}
     logits = None
     images, labels = eval_images(info, data, split, list(batch_sizes), data_root, val_size, seed)
     if labels is not None:
@@ -210,7 +212,7 @@ def evaluate_on_runtime(model_path: str | Path, runtime: str, *, data: str | Non
     images, labels = eval_images(info, data, split, list(batch_sizes), data_root, val_size, seed)
     measured = measure_runtime(runtime, model_path, session, info, images, reference_outputs(session, info, images),
                                list(batch_sizes), threads, warmup, repeats)
-    result = {"model": str(model_path), "runtime": runtime, "runtime_version": measured["version"],
+    result = {"model": str(model_path), "model_sha256": file_sha256(model_path), "runtime": runtime, "runtime_version": measured["version"],
               "device": measured.get("device"), "class_names": info["class_names"], "threads": threads}
     if "failed" in measured:
         result["failed"] = measured["failed"]

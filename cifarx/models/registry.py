@@ -7,7 +7,7 @@ import fnmatch
 from importlib import resources
 from typing import TYPE_CHECKING, Callable
 
-from cifarx.errors import CifarxError
+from cifarx.errors import CifarxError, did_you_mean
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -66,7 +66,8 @@ def builtin_model_names() -> list[str]:
 
 def unknown_model_error(name: str) -> CifarxError:
     """One line naming every registered model and the timm/<name> form."""
-    return CifarxError(f"unknown model {name!r}; registered: {', '.join(builtin_model_names())}; or timm/<name> for "
+    names = builtin_model_names()
+    return CifarxError(f"unknown model {name!r}; {did_you_mean(name, names)}registered: {', '.join(names)}; or timm/<name> for "
                        "any timm model (`cifarx models --timm PATTERN` lists them)")
 
 

@@ -26,14 +26,13 @@ def stream_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 100_003 + epoch) * 8 + stream
 
 
-def split_train_val(config: TrainConfig, val_digest: str | None = None) -> tuple[datamod.ImageSet, datamod.ImageSet]:
-    """The training images and the stratified validation split carved from them (a resumed run's `val_digest`:
-    refuse data that no longer yields the images it validated on)."""
+def split_train_val(config: TrainConfig) -> tuple[datamod.ImageSet, datamod.ImageSet]:
+    """The training images and the stratified validation split carved from them."""
     full = datamod.load_split(config.data, "train", config.data_root)
     if len(full.class_names) < 2:  # every prediction would be right: an accuracy of 100% that means nothing
         raise CifarxError(f"{config.data} has one class ({full.class_names[0]}): a classifier needs two or more "
                           "class folders under train/")
-    train_index, val_index = ValidationSplit.of_run(config.to_dict(), val_digest).indices(full, config.data)
+    train_index, val_index = ValidationSplit.of_run(config.to_dict()).indices(full, config.data)
     train_set, val_set = full.subset(train_index), full.subset(val_index)
     if config.train_size and config.train_size < len(train_set):
         _, keep = datamod.stratified_split(train_set.labels, config.train_size, config.seed + 1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from cifarx.errors import CifarxError
-from cifarx.io import atomic_torch_save, check_zip_checksums
+from cifarx.io import atomic_torch_save, check_zip_checksums, folder_locked
 from cifarx.models.registry import create_model
 
 FORMAT = "cifarx-checkpoint"
@@ -51,6 +51,9 @@ def resolve_checkpoint(path: str | Path, name: str = "best.pt") -> Path:
         for candidate in (path / name, path / "last.pt"):
             if candidate.is_file():
                 return candidate
+        if folder_locked(path):
+            raise CifarxError(f"{path} is a run in progress that has not written a checkpoint yet (its first one comes "
+                              "at the end of epoch 1, or on Ctrl-C); try again then")
         raise CifarxError(f"no checkpoint ({name} or last.pt) in run folder {path}")
     if not path.is_file():
         raise CifarxError(f"checkpoint not found: {path}")

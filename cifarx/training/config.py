@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any
 
-from cifarx.errors import CifarxError
+from cifarx.errors import CifarxError, did_you_mean
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "multistep", "cosine", "linear", "onecycle")
@@ -300,7 +300,8 @@ def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     is replaced whole, not merged)."""
     path = resources.files("cifarx.training.presets") / f"{name}.toml"
     if not path.is_file():
-        raise CifarxError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+        raise CifarxError(f"unknown preset {name!r}; {did_you_mean(name, list_presets())}available: "
+                          f"{', '.join(list_presets())}")
     if name in _seen:
         raise CifarxError(f"preset {name!r} extends itself through {' -> '.join(_seen)}")
     values = tomllib.loads(path.read_text())

@@ -118,6 +118,7 @@ def fit_linear_head(config: TrainConfig, reporter=None) -> dict:
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    reporter.message(runfolder.start_line(config.model, config.data, len(train_set), len(val_set), run_dir))
     with runfolder.claimed(run_dir, new_run=True):
         runfolder.write_config(run_dir, config.to_dict())
         return _fit_head(config, reporter, model, train_set, val_set, device, start)

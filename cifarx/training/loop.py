@@ -34,6 +34,7 @@ from cifarx.training.batches import (check_batches, drawn_batch_size, hardest, p
 from cifarx.training.checkpoint import load_initial_weights, load_weights, read_checkpoint, save_checkpoint
 from cifarx.training.config import TrainConfig, resumed_config
 from cifarx.errors import CifarxError, TrainingInterrupted
+from cifarx.io import folder_locked
 from cifarx.models.common import TestTimeAugmentation
 from cifarx.training.objectives import make_objective
 from cifarx.training.optimiser import Lookahead, build_optimizer, build_scheduler, schedule_warning, train_whitening_bias
@@ -75,13 +76,16 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     forward_dtype = getattr(torch, config.precision)  # of the training step's forward pass
 
     # ------------------------------------------------------------------ data
-    train_set, val_set = ranks.main_first(split_train_val, config, payload and payload.get("val_digest"))
+    train_set, val_set = ranks.main_first(split_train_val, config)
     val_digest = images_digest(val_set) if len(val_set) else None
     check_batches(train_set, config)
     class_names = train_set.class_names
     if payload is not None and class_names != payload["class_names"]:
         raise CifarxError(f"cannot resume: the classes in {config.data} are now {class_names}, the run was started "
                           f"with {payload['class_names']}")
+    if payload is not None and payload.get("val_digest") not in (None, val_digest):
+        raise CifarxError(f"cannot resume: {config.data} no longer yields the validation images the run started with "
+                          "(images added, removed or changed since); give it the data it started with")
 
     # ------------------------------------------------------------------ model, objective, optimiser
     model, model_kwargs = _build_model(config, payload, train_set, device, ranks)
@@ -105,6 +109,13 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
     state = RunState() if payload is None else _restore(payload, model, optimizer, scheduler, ema, lookahead,
                                                           objective_state, config)
     state.train_images, state.val_images = len(train_set), len(val_set)
+    if payload is None:
+        reporter.message(runfolder.start_line(config.model, config.data, len(train_set), len(val_set), run_dir))
+    else:
+        where = f"step {state.step_in_epoch + 1} of {epoch_steps}" if state.step_in_epoch else "its start"
+        reporter.message(f"resuming {run_dir} at epoch {state.epoch + 1} {where}, {state.train_seconds:.0f} s trained so far"
+                         + (f" (its first {state.step_in_epoch} steps are replayed, not trained again)"
+                            if state.step_in_epoch else ""))
     if remembers_losses(config):
         if ranks.world_size > 1:
             raise CifarxError("--hard-selection remembered keeps the losses in one process; drop --nproc or use scored")
@@ -156,8 +167,8 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 model.training_resize_to = progressive_size(epoch, config, model.resize_to)
                 if epoch == 0 or progressive_size(epoch - 1, config, model.resize_to) != model.training_resize_to:
                     reporter.message(f"progressive resizing: training at {model.training_resize_to} px from epoch {epoch + 1}")
-            reporter.start_epoch(epoch, config.epochs, epoch_steps)
             skip = state.step_in_epoch
+            reporter.start_epoch(epoch, config.epochs, epoch_steps, done=skip)
             if skip == 0:
                 torch.manual_seed(ranks.rank_seed(stream_seed(config.seed, epoch, 2)))
             epoch_start = time.perf_counter()
@@ -216,6 +227,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                 if interrupted:
                     state.step_in_epoch = step + 1
                     state.train_seconds += time.perf_counter() - epoch_start
+                    state.partial["seconds"] += time.perf_counter() - epoch_start
                     state.rng_state = ranks.gather_rng_states()
                     checkpoint("last.pt", True, {})
                     ranks.barrier()  # last.pt is on disk before any rank exits (torchrun then stops the rest)
@@ -229,7 +241,7 @@ def _train(config: TrainConfig | None, reporter: Reporter | None, resume: str | 
                                            channels_last=config.channels_last)
             state.train_seconds += time.perf_counter() - epoch_start
             row = runfolder.epoch_row(epoch + 1, state.partial, validation, optimizer.param_groups[0]["lr"],
-                                      time.perf_counter() - epoch_start, state.train_seconds)
+                                      state.partial["seconds"] + time.perf_counter() - epoch_start, state.train_seconds)
             state.history.append(row)
             state.epoch, state.step_in_epoch, state.rng_state = epoch + 1, 0, None
             state.partial = RunState().partial
@@ -337,6 +349,9 @@ def _resumable(resume: str | Path, options: dict) -> tuple[TrainConfig, dict]:
     resume = Path(resume)
     last = resume / "last.pt" if resume.is_dir() else resume
     if not last.is_file():
+        if folder_locked(resume):
+            raise CifarxError(f"{resume} is a run in progress (a cifarx train holds it) that has not written last.pt "
+                              "yet: nothing to resume; let it train, or stop it with Ctrl-C and resume then")
         if (resume / "best.pt").is_file() and not (resume / "summary.json").is_file():
             raise CifarxError(f"nothing to resume: {resume} stopped before its first resumable checkpoint (best.pt, "
                               f"no last.pt); start it again with --out {resume}, which replaces it")

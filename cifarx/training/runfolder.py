@@ -26,7 +26,8 @@ CHECKPOINTS = ("last.pt", "best.pt")
 
 
 class Reporter(Protocol):
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
+    # `done`: steps of the epoch already trained before a resume (replayed, not trained again)
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None: ...
     def advance(self, loss: float) -> None: ...
     def end_epoch(self, row: dict) -> None: ...
     def message(self, text: str) -> None: ...
@@ -35,7 +36,7 @@ class Reporter(Protocol):
 
 
 class SilentReporter:
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None: ...
     def advance(self, loss: float) -> None: ...
     def end_epoch(self, row: dict) -> None: ...
     def message(self, text: str) -> None: ...
@@ -54,8 +55,9 @@ class RunState:
     epochs_since_best: int = 0
     history: list[dict] = field(default_factory=list)
     # "labelled": images with a label among those seen (train accuracy's denominator; -1 = unlabelled image)
+    # "seconds": the epoch's wall time before a Ctrl-C, so a resumed epoch's epoch_seconds covers both parts
     partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0, "labelled": 0,
-                                                   "data_seconds": 0.0})
+                                                   "data_seconds": 0.0, "seconds": 0.0})
     # global torch RNG at step_in_epoch (dropout, stochastic depth...); one row per rank under torchrun
     rng_state: "torch.Tensor | None" = None  # noqa: F821  (torch is not imported here: the CLI reads runs without it)
     train_images: int = 0  # so an unfinished run's card can say what it was trained on
@@ -133,11 +135,20 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
         accuracy_axis.plot(epochs, [row[f"{split}_accuracy"] for row in history], marker=".", label=split)
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     accuracy_axis.set(xlabel="epoch", ylabel="top-1", title="accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
         axis.legend()
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 0.5 ticks on a short run
+    figure.tight_layout()  # the two panels' labels kept apart
     atomic_savefig(figure, run_dir / "curves.png")
     plt.close(figure)
+
+
+def start_line(model: str, data: str, train_images: int, val_images: int, run_dir: Path) -> str:
+    """What a new run says first, once its data has loaded (so never for a folder that turns out not to exist)."""
+    return f"training {model} on {train_images} images of {data} ({val_images} held out for validation) -> {run_dir}"
 
 
 def epoch_row(epoch: int, partial: dict, validation: dict, lr: float, epoch_seconds: float, train_seconds: float) -> dict:

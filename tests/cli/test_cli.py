@@ -201,7 +201,7 @@ def test_export_of_an_unfinished_run_says_so_and_its_card_reports_what_the_run_f
     result = run("export", tmp_path / "run", "-o", tmp_path / "m.onnx", "--card", "--parity-images", 8)
     assert result.exit_code == 0, result.output
     warning = " ".join(result.stderr.split())
-    assert "unfinished run (1 of 3 epochs trained): exporting best.pt from epoch 1" in warning
+    assert "a run stopped before its end (1 of 3 epochs trained): exporting best.pt, the weights after epoch 1" in warning
     card = json.loads((tmp_path / "m.json").read_text())
     assert (card["train_images"], card["epochs"], card["finished"]) == (80, 1, False)
     assert card["val_accuracy"]["runs"][0]["val_images"] == 16 and card["train_seconds"] > 0
@@ -243,7 +243,7 @@ def test_resume_trains_the_more_epochs_asked_for(image_folder, tmp_path):
 def test_the_progress_of_a_one_off_pass_shows_until_it_ends_and_then_leaves_the_screen():
     from cifarx.cli.main import RichReporter
 
-    reporter = RichReporter()
+    reporter = RichReporter(bars=True)  # as on a terminal
     reporter.progress("prefix activations of 80 images", 64, 80)
     task = reporter.pass_progress.tasks[0]
     assert (task.description, task.completed, task.total) == ("prefix activations of 80 images", 64, 80)

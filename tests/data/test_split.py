@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLASSES, assert_one_line_error, make_image_folder, run
+from tests.conftest import CLASSES, assert_one_line_error, make_image_folder, run
 from cifarx.data import datasets as datamod
 from cifarx.data.split import ValidationSplit, images_digest
 from cifarx.errors import CifarxError

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cifarx.training.checkpoint import save_checkpoint
-from conftest import REDUCED_WIDTH
+from tests.conftest import REDUCED_WIDTH
 from cifarx.errors import CifarxError
 from cifarx.models.registry import create_model, list_models, register_model
 

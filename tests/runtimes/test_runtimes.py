@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from cifarx.runtimes import table as runtimes
-from conftest import REDUCED_WIDTH
+from tests.conftest import REDUCED_WIDTH
 from cifarx.cli.main import cli
 from cifarx.measure.compare import compare_runtimes, pareto_front
 from cifarx.measure.evaluate import evaluate_onnx

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run
+from tests.conftest import assert_one_line_error, run
 
 
 def _train(image_folder, out, *args):
