@@ -130,7 +130,7 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
         raise CifarxError(f"unknown activation type {activation_type!r}; choose from {', '.join(ACTIVATION_TYPES)}")
     info = model_info(create_session(model_path))
     if info["input_dtype"] != "float32":
-        raise CifarxError(f"{model_path} is a float16 export; quantise the float32 one")
+        raise CifarxError(f"{model_path} takes {info['input_dtype']} input; quantise a float32 export")
     quantized_ops = sorted({node.op_type for node in onnx.load(str(model_path)).graph.node} & QUANTIZED_OPS)
     if quantized_ops:  # ONNX Runtime's tools would fail deep inside on a graph that already has them
         raise CifarxError(f"{model_path} is already quantised (it has {', '.join(quantized_ops)} nodes); "

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from cifarx.measure.evaluate import eval_images, measure_runtime, reference_outputs
-from cifarx.runtimes.measuring import environment, score
+from cifarx.errors import CifarxError
+from cifarx.runtimes.measuring import environment, input_dtype, score
 from cifarx.runtimes.onnxfile import create_session, model_info
 from cifarx.runtimes.table import missing, parse_runtimes
 
@@ -37,7 +38,13 @@ def compare_runtimes(model_paths: list[str | Path], runtimes: list[str], *, batc
     sessions = [(Path(path), create_session(path, "cpu", threads=threads)) for path in model_paths]  # all files first
     rows = []
     for path, session in sessions:
-        info = model_info(session)
+        try:  # a file cifarx cannot feed (its metadata, its input type) is one model's failed rows, not the whole run's
+            info = model_info(session)
+            input_dtype(info)
+        except CifarxError as error:
+            rows.extend({"model": str(path), "precision": "?", "runtime": runtime, "status": f"failed: {error}"}
+                        for runtime in runtimes)
+            continue
         measured_on, labels = (images, None) if images is not None else eval_images(info, data, split, list(batch_sizes), data_root)
         if image_count and len(measured_on) > image_count:  # a fixed sample, the same for every runtime
             keep = np.sort(np.random.default_rng(0).permutation(len(measured_on))[:image_count])

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from cifarx.errors import CifarxError
 from cifarx.runtimes.table import PROVIDERS, is_gpu
 
 
@@ -21,7 +22,11 @@ def to_model_input(images: np.ndarray, dtype=np.float32) -> np.ndarray:
 
 
 def input_dtype(info: dict):
-    """The numpy type of a file's input (float16 files exist: `cifarx export --fp16`)."""
+    """The numpy type of a file's input (float16 files exist: `cifarx export --fp16`); any other than float32 or
+    float16 is refused: images in [0,1] cast to float64 or uint8 would give a silently wrong answer."""
+    if info["input_dtype"] not in ("float32", "float16"):
+        raise CifarxError(f"the model's input is {info['input_dtype']}: cifarx feeds images as float32 in [0, 1] (float16 "
+                          "for --fp16 exports); export it with cifarx export")
     return np.float16 if info["input_dtype"] == "float16" else np.float32
 
 

@@ -144,7 +144,8 @@ def model_info(session) -> dict:
         raise CifarxError(f"metadata lists {len(class_names)} classes but the model outputs {session.get_outputs()[0].shape[-1]}")
     return {
         "input_name": inputs[0].name,
-        "input_dtype": "float16" if "float16" in inputs[0].type else "float32",
+        # ONNX Runtime's 'tensor(double)' as numpy names it (float64); cifarx feeds float32 or float16 only
+        "input_dtype": {"float": "float32", "double": "float64"}.get(inputs[0].type[7:-1], inputs[0].type[7:-1]),
         "output_names": output_names,
         "class_names": class_names,
         "metadata": dict(meta),

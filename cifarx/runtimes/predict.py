@@ -9,7 +9,7 @@ import numpy as np
 from cifarx.errors import CifarxError
 from cifarx.data.images import decode_image
 from cifarx.runtimes.onnxfile import create_session, model_info
-from cifarx.runtimes.measuring import softmax
+from cifarx.runtimes.measuring import input_dtype, softmax
 
 
 def load_images(paths: list[str | Path], size: int = 32) -> np.ndarray:
@@ -56,8 +56,7 @@ def predict(model_path: str | Path, image_paths: list[str | Path], top_k: int = 
     size = int(info["metadata"].get("input_size", 32))
     image_paths = image_files(image_paths)
     images = load_images(image_paths, size)
-    if info["input_dtype"] == "float16":
-        images = images.astype(np.float16)
+    images = images.astype(input_dtype(info))
     logits = np.concatenate([  # in batches: a folder may hold thousands of images
         session.run([info["output_names"][0]], {info["input_name"]: images[start : start + 256]})[0]
         for start in range(0, len(images), 256)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from tests.conftest import assert_one_line_error, make_image_folder, run
 from cifarx.training import runfolder
 
@@ -40,3 +44,19 @@ def test_a_mistyped_model_or_preset_gets_the_nearest_name(tmp_path):
 def test_models_says_how_to_list_timm_backbones():
     result = run("models")
     assert result.exit_code == 0 and "cifarx models --timm" in result.output
+
+
+@pytest.mark.parametrize("input_type", ["double", "uint8"])
+def test_a_model_whose_input_is_not_float_is_refused_in_one_line_or_a_failed_row(input_type, tmp_path):
+    from tests.report.test_report_untrusted import tiny_model
+
+    model = tiny_model(tmp_path / "m.onnx", input_type=input_type)
+    data = make_image_folder(tmp_path / "data", "test", classes=["red", "green", "blue"], per_class=2)
+    image = next((data / "test" / "red").iterdir())
+    dtype = {"double": "float64", "uint8": "uint8"}[input_type]
+    assert_one_line_error(run("predict", model, image), f"input is {dtype}")
+    assert_one_line_error(run("eval", model, "--data", data, "--batch-sizes", 1, "--repeats", 1), f"input is {dtype}")
+    compared = run("compare", model, "--data", data, "--batch-sizes", 1, "--repeats", 1, "--json", tmp_path / "c.json")
+    assert "Traceback" not in compared.output
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert rows and all(row["status"].startswith("failed") and f"input is {dtype}" in row["status"] for row in rows)
