@@ -756,8 +756,11 @@ def report(inputs, output, evals, samples, samples_per_class, ort_web):
 
     built = build_report(list(inputs), output, evals=list(evals), samples=samples, samples_per_class=samples_per_class,
                          ort_web=ort_web)
-    console.print(f"wrote {escape(built['index'])}: {built['models']} files, {built['exports']} cifarx exports, "
-                  f"{built['samples']} sample images; serve it with `python -m http.server -d {escape(built['site'])}` "
+    def count(number: int, noun: str) -> str:
+        return f"{number} {noun}{'' if number == 1 else 's'}"
+
+    console.print(f"wrote {escape(built['index'])}: {count(built['models'], 'file')}, "
+                  f"{count(built['exports'], 'cifarx export')}, {count(built['samples'], 'sample image')}; serve it with `python -m http.server -d {escape(built['site'])}` "
                   "for the live demo", highlight=False)
 
 

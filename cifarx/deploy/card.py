@@ -9,7 +9,7 @@ from pathlib import Path
 from cifarx.training.checkpoint import read_checkpoint, resolve_checkpoint
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_write_json, atomic_write_text, check_writable, file_sha256
-from cifarx.training.runfolder import portable_command, run_record, train_command
+from cifarx.training.runfolder import portable_command, portable_run_path, run_record, train_command
 
 
 def _run_summary(run: str | Path) -> dict:
@@ -27,7 +27,7 @@ def validation_figures(runs: list[str | Path]) -> dict:
     rows = []
     for run in runs:
         summary = _run_summary(run)
-        rows.append({"run": str(run), "seed": summary.get("seed"), "val_images": summary.get("val_images"),
+        rows.append({"run": portable_run_path(run), "seed": summary.get("seed"), "val_images": summary.get("val_images"),
                      "final_val_accuracy": summary.get("final_val_accuracy"),
                      "best_val_accuracy": summary.get("best_val_accuracy"), "val_accuracy_tta": _tta_accuracy(summary)})
     key = "val_accuracy_tta" if all(r["val_accuracy_tta"] is not None for r in rows) else "best_val_accuracy"

@@ -21,7 +21,7 @@ from cifarx.data.split import ValidationSplit
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_write_json, file_sha256
 from cifarx.models.registry import create_model
-from cifarx.training.runfolder import check_new_run_folder, run_record, train_command
+from cifarx.training.runfolder import check_new_run_folder, portable_run_path, run_record, train_command
 from cifarx.training.loop import evaluate
 
 MEMBER_FIGURES = ("train_seconds", "epochs_run", "train_images", "best_val_accuracy", "machine", "training_precision")
@@ -47,7 +47,7 @@ def _member_record(checkpoint: Path, payload: dict) -> dict:
     run = checkpoint.parent
     record = run_record(run) if (run / "summary.json").is_file() or (run / "last.pt").is_file() else {}
     tta = next((k for k in record if k.startswith("best_val_accuracy_tta")), None)
-    return {"run": str(run), "model": payload["model"]["name"], "command": train_command(payload["config"]),
+    return {"run": portable_run_path(run), "model": payload["model"]["name"], "command": train_command(payload["config"]),
             **{key: record.get(key) for key in MEMBER_FIGURES + ((tta,) if tta else ())}}
 
 

@@ -209,6 +209,15 @@ DATA_OPTIONS = ("--data", "--data-root")  # where this machine keeps images: a p
 RUN_OPTIONS = ("--out", "--resume", "--val-run", "--compare-torch")  # run folders: runs/NAME, as `cifarx train` makes
 
 
+def portable_run_path(run: str | Path, cwd: Path | None = None) -> str:
+    """A run folder as a card names it: relative to the current folder, else runs/NAME (never this machine's
+    absolute path)."""
+    path, cwd = Path(run), (cwd or Path.cwd()).resolve()
+    if not path.is_absolute():
+        return str(path)
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else f"runs/{path.name}"
+
+
 def portable_command(command: str, cwd: Path | None = None) -> str:
     """A recorded command line that anyone can run: image folders become DIR, paths inside the current folder
     become relative, other absolute paths keep their name (run folders under runs/)."""
@@ -222,11 +231,9 @@ def portable_command(command: str, cwd: Path | None = None) -> str:
             words[i] = value if value == "cifar10" else "DIR"
         elif Path(value).is_absolute() and not value.startswith("-"):
             path = Path(value)
-            if path.is_relative_to(cwd):
-                words[i] = str(path.relative_to(cwd))
-            elif option in RUN_OPTIONS or (words[1] == "export" and i == 2) or (
+            if path.is_relative_to(cwd) or option in RUN_OPTIONS or (words[1] == "export" and i == 2) or (
                     words[1] == "combine" and not option.startswith("-")):  # combine's run folders
-                words[i] = f"runs/{path.name}"
+                words[i] = portable_run_path(path, cwd)
             else:
                 words[i] = path.name
     return shlex.join(words)

@@ -35,3 +35,30 @@ def test_the_python_version_readme_and_pyproject_claim_can_import_cifarx():
         if module in imported:
             assert (major, minor) >= version, f"cifarx imports {module} (Python {version}), pyproject claims {major}.{minor}"
     assert f"Python ≥ {major}.{minor}" in (ROOT / "README.md").read_text()
+
+
+def readme_cifarx_commands() -> list[list[str]]:
+    """Every `cifarx ...` command of README.md's bash blocks, as words (continuation lines joined, comments cut)."""
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in re.split(r"&&|;", line):
+                words = shlex.split(part, comments=True)
+                if words[:1] == ["cifarx"]:
+                    commands.append(words[1:])
+    return commands
+
+
+def test_every_cifarx_command_in_the_readme_parses():
+    """Each README command's options and values are what the CLI accepts (parsed, not run)."""
+    from cifarx.cli.main import cli
+
+    commands = readme_cifarx_commands()
+    assert len(commands) >= 20
+    for words in commands:
+        context = cli.make_context("cifarx", list(words), resilient_parsing=False)
+        name, command, rest = cli.resolve_command(context, list(words))
+        command.make_context(name, rest, parent=context)  # raises on an unknown option or a bad value
