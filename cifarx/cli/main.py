@@ -608,13 +608,19 @@ def card(model_file, note, compared_with):
 @click.option("--out", "out_dir", type=click.Path(), help="folder for MODEL.RUNTIME/ [default: beside MODEL_FILE]")
 @click.option("--timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
               help="seconds a converter may take before it is stopped")
-def convert(model_file, runtime_list, out_dir, timeout):
-    """Convert an exported ONNX file for the runtimes apps embed (ncnn, MNN, LiteRT, IREE, ...), each with a card."""
+@click.option("--data", help="int8 rows (" + ", ".join(name for name, row in RUNTIMES.items() if row.precision == "int8")
+              + "): the image folder whose train/ images (outside the model's validation split) calibrate them")
+@click.option("--data-root")
+@click.option("--calibration-images", type=click.IntRange(1), default=300, show_default=True)
+def convert(model_file, runtime_list, out_dir, timeout, data, data_root, calibration_images):
+    """Convert an exported ONNX file for the runtimes apps embed (ncnn, MNN, LiteRT, IREE, ...), each with a card;
+    int8 rows quantise it with the runtime's own quantiser (e.g. openvino-int8: NNCF)."""
     _quiet_onnxruntime()
     from cifarx.deploy.convert import convert_onnx
     from cifarx.runtimes.table import parse_runtimes
 
-    results = convert_onnx(model_file, parse_runtimes(runtime_list), out_dir, timeout)
+    results = convert_onnx(model_file, parse_runtimes(runtime_list), out_dir, timeout, data=data, data_root=data_root,
+                           calibration_count=calibration_images)
     for result in results:
         if result["status"] == "ok":
             console.print(f"{escape(result['runtime'])}: wrote {escape(result['folder'])} ({result['artifact_bytes'] / 1e6:.1f} MB, "

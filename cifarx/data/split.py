@@ -103,3 +103,17 @@ def load_eval_images(data: str, split: str, recorded: dict, data_root: str | Non
         raise CifarxError(f"--split val needs --val-size of at least 1, got {val_size}; or use --split test")
     seed = seed if seed is not None else recorded["seed"] or 0
     return ValidationSplit(val_size, seed, digest).held_out(datamod.load_split(data, "train", data_root), data)
+
+
+def calibration_images(data: str, recorded: dict, count: int, data_root: str | None = None, seed: int = 0):
+    """`count` training images (uint8 numpy [N,3,32,32]), stratified by class, outside the validation split a model
+    file records (`recorded`, as `load_eval_images` takes it): what every int8 quantiser calibrates on."""
+    if count < 1:
+        raise CifarxError(f"calibration needs at least one image, got {count}")
+    full = datamod.load_split(data, "train", data_root)
+    split = ValidationSplit.of_model(recorded) or ValidationSplit(0, 0)
+    kept = split.indices(full, data)[0]
+    if count < len(kept):
+        _, chosen = datamod.stratified_split(full.labels[kept], count, seed)
+        kept = kept[chosen]
+    return full.images[kept].numpy()

@@ -20,7 +20,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 
 from cifarx.data import datasets as datamod
-from cifarx.data.split import ValidationSplit, load_eval_images
+from cifarx.data.split import calibration_images, load_eval_images
 from cifarx.errors import CifarxError
 from cifarx.io import atomic_path
 from cifarx.runtimes.onnxfile import create_session, model_info, recorded_val_split
@@ -49,17 +49,6 @@ class ImageBatches(CalibrationDataReader):
 
     def __len__(self) -> int:
         return -(-len(self.images) // self.batch_size)
-
-
-def calibration_images(data: str, info: dict, count: int, data_root: str | None = None, seed: int = 0) -> np.ndarray:
-    """`count` training images, stratified by class, outside the validation split recorded in the model."""
-    full = datamod.load_split(data, "train", data_root)
-    split = ValidationSplit.of_model(recorded_val_split(info)) or ValidationSplit(0, 0)
-    kept = split.indices(full, data)[0]
-    if count < len(kept):
-        _, chosen = datamod.stratified_split(full.labels[kept], count, seed)
-        kept = kept[chosen]
-    return full.images[kept].numpy()
 
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
@@ -137,7 +126,7 @@ def quantize_onnx(model_path: str | Path, output: str | Path, *, data: str, cali
                           "quantise its float32 export")
     if compare_split is not None:  # the images it will be compared on exist, before calibration's long pass
         load_eval_images(data, compare_split, recorded_val_split(info), data_root)
-    images = calibration_images(data, info, calibration_count, data_root, seed)
+    images = calibration_images(data, recorded_val_split(info), calibration_count, data_root, seed)
     settings = {"format": "QDQ", "weights": "int8", "activations": activation_type, "per_channel": per_channel,
                 "reduce_range": reduce_range, "keep_ends_fp32": keep_ends_fp32, "op_types": list(WEIGHTED_OPS),
                 "calibration_method": calibration_method, "cpu_int8_isa": INT8_ISA.get(isa), "chosen_by": chosen_by,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarx.measure.evaluate import eval_images, measure_runtime, reference_outputs
+from cifarx.measure.evaluate import eval_images, measure_runtime, model_calibration, reference_outputs
 from cifarx.errors import CifarxError
 from cifarx.runtimes.measuring import environment, input_dtype, score
 from cifarx.runtimes.onnxfile import create_session, model_info
-from cifarx.runtimes.table import missing, parse_runtimes
+from cifarx.runtimes.table import missing, parse_runtimes, quantises
 
 
 # what a runtime with a converter reports of its conversion (runtimes/child.py)
@@ -50,14 +50,16 @@ def compare_runtimes(model_paths: list[str | Path], runtimes: list[str], *, batc
             keep = np.sort(np.random.default_rng(0).permutation(len(measured_on))[:image_count])
             measured_on, labels = measured_on[keep], (labels[keep] if labels is not None else None)
         reference = reference_outputs(session, info, measured_on)
+        calibrations = {runtime: model_calibration(runtime, info, data, data_root) for runtime in runtimes
+                        if not missing(runtime)}
         for runtime in runtimes:
-            row = {"model": str(path), "precision": precision(info), "runtime": runtime}
+            row = {"model": str(path), "precision": "int8" if quantises(runtime) else precision(info), "runtime": runtime}
             not_installed = missing(runtime)
             if not_installed:
                 rows.append({**row, "status": not_installed})
                 continue
             measured = measure_runtime(runtime, path, session, info, measured_on, reference, list(batch_sizes), threads,
-                                       warmup, repeats, timeout)
+                                       warmup, repeats, timeout, calibrations[runtime])
             row.update(version=measured["version"], device=measured.get("device"),
                        **{key: measured[key] for key in CONVERSION_FIELDS if key in measured})
             if "failed" in measured:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarx.data import datasets as datamod
-from cifarx.data.split import load_eval_images
+from cifarx.data.split import calibration_images, load_eval_images
 from cifarx.errors import CifarxError
 from cifarx.io import file_sha256
 from cifarx.runtimes.child import run_in_child
@@ -20,7 +20,7 @@ from cifarx.runtimes.measuring import (batched_outputs, compare_outputs, environ
                                        latency_stats, measure_latency, predict_logits, score, session_runner,
                                        timed_runs, to_model_input)
 from cifarx.runtimes.onnxfile import create_session, model_info, recorded_val_split
-from cifarx.runtimes.table import REFERENCE, RUNTIMES, require, torch_device
+from cifarx.runtimes.table import CALIBRATION_IMAGES, REFERENCE, RUNTIMES, quantises, require, torch_device
 
 
 def measure_torch_latency(model, images: np.ndarray, batch_sizes: list[int], warmup: int = 5, repeats: int = 30,
@@ -162,6 +162,17 @@ def eval_images(info: dict, data: str | None, split: str, batch_sizes: list[int]
     return image_set.images.numpy(), to_model[image_set.labels.numpy()]
 
 
+def model_calibration(runtime: str, info: dict, data: str | None, data_root: str | None = None,
+                      count: int = CALIBRATION_IMAGES) -> np.ndarray | None:
+    """The calibration images an int8 row's quantiser needs for this model (None for other rows): `count` training
+    images of `data` outside the model's validation split."""
+    if not quantises(runtime):
+        return None
+    if data is None:
+        raise CifarxError(f"{runtime} quantises the model on training images: give --data")
+    return calibration_images(data, recorded_val_split(info), count, data_root)
+
+
 def reference_outputs(session, info: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(logits, probabilities) of ONNX Runtime on `images`: the reference every other runtime is compared with."""
     return batched_outputs(session_runner(session, info), images, input_dtype(info))
@@ -169,9 +180,10 @@ def reference_outputs(session, info: dict, images: np.ndarray) -> tuple[np.ndarr
 
 def measure_runtime(runtime: str, model_path: str | Path, session, info: dict, images: np.ndarray,
                     reference: tuple[np.ndarray, np.ndarray], batch_sizes: list[int], threads: int | None = None,
-                    warmup: int = 5, repeats: int = 30, timeout: float | None = None) -> dict:
+                    warmup: int = 5, repeats: int = 30, timeout: float | None = None,
+                    calibration: np.ndarray | None = None) -> dict:
     """One runtime (a row of the table) on one file: version, device, agreement with `reference` (ORT CPU's outputs)
-    and latency; `logits` is included for scoring (not JSON-ready).
+    and latency; `logits` is included for scoring (not JSON-ready). An int8 row quantises on `calibration`.
 
     ONNX Runtime rows run here (the CPU row on `session`, the reference; a GPU provider that cannot be created is a
     failed row); the others convert and run in a child process, whose crash gives `{"failed": "killed by signal 11
@@ -195,7 +207,8 @@ def measure_runtime(runtime: str, model_path: str | Path, session, info: dict, i
         extra = {} if timeout is None else {"timeout": timeout}
         with tempfile.TemporaryDirectory(prefix="cifarx-convert-") as out_dir:
             measured = run_in_child(runtime, model_path, images, batch_sizes, out_dir=out_dir, threads=threads,
-                                    warmup=warmup, repeats=repeats, dtype=input_dtype(info), **extra)
+                                    warmup=warmup, repeats=repeats, dtype=input_dtype(info), calibration=calibration,
+                                    **extra)
         if "failed" in measured:
             return measured
     measured["agreement"] = compare_outputs(reference, (measured["logits"], measured.pop("probabilities")))
@@ -211,7 +224,8 @@ def evaluate_on_runtime(model_path: str | Path, runtime: str, *, data: str | Non
     info = model_info(session)
     images, labels = eval_images(info, data, split, list(batch_sizes), data_root, val_size, seed)
     measured = measure_runtime(runtime, model_path, session, info, images, reference_outputs(session, info, images),
-                               list(batch_sizes), threads, warmup, repeats)
+                               list(batch_sizes), threads, warmup, repeats,
+                               calibration=model_calibration(runtime, info, data, data_root))
     result = {"model": str(model_path), "model_sha256": file_sha256(model_path), "runtime": runtime, "runtime_version": measured["version"],
               "device": measured.get("device"), "class_names": info["class_names"], "threads": threads}
     if "failed" in measured:

@@ -29,26 +29,31 @@ def load_adapter(spec: str):
     return getattr(adapter, name) if name else adapter
 
 
-def _convert_here(adapter, path: Path, out_dir: Path) -> tuple[list[Path], float]:
-    """The adapter's converter on `path` into `out_dir`; a runtime that reads ONNX itself takes the file as it is."""
+def _convert_here(adapter, path: Path, out_dir: Path, calibration: np.ndarray | None) -> tuple[list[Path], float]:
+    """The adapter's converter on `path` into `out_dir` (a quantiser: calibrated on `calibration`); a runtime that
+    reads ONNX itself takes the file as it is."""
     if not hasattr(adapter, "convert"):
         return [path], 0.0
     start = time.perf_counter()
-    artifacts = [Path(artifact) for artifact in adapter.convert(path, out_dir)]
+    given = () if calibration is None else (calibration,)
+    artifacts = [Path(artifact) for artifact in adapter.convert(path, out_dir, *given)]
     return artifacts, time.perf_counter() - start
 
 
 def _measure_here(adapter: str, runtime: str, path: str, images: np.ndarray | None, batch_sizes: list[int],
-                  threads: int | None, warmup: int, repeats: int, dtype: str, out_dir: str) -> tuple[dict, dict]:
+                  threads: int | None, warmup: int, repeats: int, dtype: str, out_dir: str,
+                  calibration: np.ndarray | None = None) -> tuple[dict, dict]:
     """Convert (if the runtime needs it), load, then outputs on `images` and latency per batch size, here."""
     adapter = load_adapter(adapter)
-    artifacts, convert_seconds = _convert_here(adapter, Path(path), Path(out_dir))
+    artifacts, convert_seconds = _convert_here(adapter, Path(path), Path(out_dir), calibration)
     fields = {"runtime": runtime, "version": version(runtime), "threads": threads,
               "artifacts": [artifact.name for artifact in artifacts],
               "artifact_bytes": sum(artifact.stat().st_size for artifact in artifacts)}
     if hasattr(adapter, "convert"):
         fields.update(convert_seconds=round(convert_seconds, 3), converter=adapter.CONVERTER,
                       converter_version=adapter.versions().get("converter"))
+    if calibration is not None:
+        fields["calibration_images"] = len(calibration)
     if images is None:  # conversion only (`cifarx convert`)
         return {}, fields
     run, fields["device"] = adapter.open_runtime(artifacts[0], threads)
@@ -91,7 +96,7 @@ def serve_child() -> None:
     os.dup2(2, 1)  # whatever the runtime prints goes to stderr, never into the answer
     arrays, request = _unpack(sys.stdin.buffer.read())
     try:
-        result = _measure_here(images=arrays.get("images"), **request)
+        result = _measure_here(images=arrays.get("images"), calibration=arrays.get("calibration"), **request)
     except Exception as error:  # the runtime's or converter's own error, as one line for the row
         result = ({}, {"failed": one_line(error)})
     answer.write(_pack(*result))
@@ -113,9 +118,10 @@ def describe_exit(code: int | None, timeout: float = CHILD_TIMEOUT_S) -> str:
 
 def run_in_child(runtime: str, path: str | Path, images: np.ndarray | None, batch_sizes: list[int], *,
                  out_dir: str | Path, threads: int | None = None, warmup: int = 5, repeats: int = 30,
-                 dtype=np.float32, timeout: float = CHILD_TIMEOUT_S) -> dict:
+                 dtype=np.float32, timeout: float = CHILD_TIMEOUT_S, calibration: np.ndarray | None = None) -> dict:
     """`_measure_here` in a fresh child process, artifacts written into `out_dir` (the caller's, and the caller's to
-    move or delete); `images=None` converts only. A crash, a hang or an error gives `{"failed": why}`."""
+    move or delete); `images=None` converts only; an int8 row's quantiser calibrates on `calibration` (uint8
+    training images, required). A crash, a hang or an error gives `{"failed": why}`."""
     import os
     import subprocess
     import sys
@@ -124,6 +130,9 @@ def run_in_child(runtime: str, path: str | Path, images: np.ndarray | None, batc
     row = RUNTIMES[runtime]
     if row.adapter is None:
         raise CifarxError(f"{runtime} runs in the calling process, not in a child")
+    if (row.precision == "int8") != (calibration is not None):
+        raise CifarxError(f"{runtime} quantises on calibration images: give --data (its train/ images outside the "
+                          "model's validation split)" if calibration is None else f"{runtime} takes no calibration")
     # A fresh interpreter, not multiprocessing: nothing of the parent's threads or sessions is copied, and the
     # caller's main script is not re-imported (multiprocessing's spawn would run an unguarded script again).
     search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)  # the same cifarx, and the adapter
@@ -134,7 +143,8 @@ def run_in_child(runtime: str, path: str | Path, images: np.ndarray | None, batc
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              env={**os.environ, "PYTHONPATH": search_path}, start_new_session=True)
     try:
-        answer, _ = child.communicate(_pack({} if images is None else {"images": images}, request), timeout=timeout)
+        arrays = {name: array for name, array in (("images", images), ("calibration", calibration)) if array is not None}
+        answer, _ = child.communicate(_pack(arrays, request), timeout=timeout)
         code = child.returncode
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)  # the converter's own children too

@@ -41,6 +41,7 @@ class Runtime:
     feed: str = "float32 [N,3,32,32], RGB, pixels / 255 (normalisation is inside the model)"  # what the app feeds
     converter_env: str | None = None  # a converter outside this environment: the variable naming its python
     distribution: str | None = None  # the pip distribution whose version is the runtime's, where the module has several
+    precision: str = "float32"  # "int8": its converter is the runtime's own quantiser, calibrated on training images
 
 
 RUNTIMES = {row.name: row for row in (
@@ -52,6 +53,10 @@ RUNTIMES = {row.name: row for row in (
             embed="the TensorRT provider, CUDA for the nodes it does not build"),
     Runtime("openvino", "OpenVINO", "openvino", "openvino", "cifarx.runtimes.adapters.openvino",
             threads="INFERENCE_NUM_THREADS", embed="ov::Core::compile_model (C++), openvino.Core (Python)"),
+    Runtime("openvino-int8", "OpenVINO int8 (NNCF post-training quantisation)", "nncf", "openvino",
+            "cifarx.runtimes.adapters.openvino:Int8", converter="nncf.quantize", artifact=".xml",
+            distribution="openvino", precision="int8", threads="INFERENCE_NUM_THREADS",
+            embed="ov::Core::compile_model on the int8 IR (.xml + .bin), openvino.Core (Python)"),
     Runtime("opencv", "OpenCV DNN", "cv2", "opencv", "cifarx.runtimes.adapters.opencv", threads="cv2.setNumThreads",
             embed="cv::dnn::readNetFromONNX (C++), org.opencv.dnn.Dnn (Java/Kotlin)"),
     Runtime("ncnn", "ncnn", "ncnn", "ncnn", "cifarx.runtimes.adapters.ncnn", converter="pnnx", artifact=".param",
@@ -77,6 +82,14 @@ RUNTIMES = {row.name: row for row in (
             embed="executorch::extension::Module (C++), org.pytorch.executorch.Module (Kotlin/Java), "
                   "ExecuTorch.framework (Swift)"),
 )}
+
+
+CALIBRATION_IMAGES = 300  # what an int8 row's quantiser calibrates on by default (NNCF's default subset size)
+
+
+def quantises(runtime: str) -> bool:
+    """Whether a row's converter is its runtime's int8 quantiser (it needs calibration images)."""
+    return RUNTIMES[runtime].precision == "int8"
 
 
 def is_gpu(provider: str) -> bool:

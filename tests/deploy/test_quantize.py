@@ -10,12 +10,14 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from cifarx.data import datasets as datamod
+from cifarx.runtimes.onnxfile import recorded_val_split
 from cifarx.cli.main import cli
 from cifarx.errors import CifarxError
 from cifarx.measure.evaluate import evaluate_onnx
 from cifarx.runtimes.measuring import predict_logits
 from cifarx.runtimes.onnxfile import create_session, model_info
-from cifarx.deploy.quantize import calibration_images, compare_int8, quantize_onnx
+from cifarx.data.split import calibration_images
+from cifarx.deploy.quantize import compare_int8, quantize_onnx
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +75,10 @@ def test_calibration_images_come_from_outside_the_validation_split(trained_run):
     assert recorded["val_size"] == 16
     _, val_index = datamod.stratified_split(full.labels, 16, recorded["seed"])
     validation = {image.tobytes() for image in full.images[val_index].numpy()}
-    everything = calibration_images(str(trained_run["data"]), info, count=10_000)
+    everything = calibration_images(str(trained_run["data"]), recorded_val_split(info), count=10_000)
     assert len(everything) == len(full) - 16
     assert not validation & {image.tobytes() for image in everything}
-    some = calibration_images(str(trained_run["data"]), info, count=20)
+    some = calibration_images(str(trained_run["data"]), recorded_val_split(info), count=20)
     assert len(some) == 20 and not validation & {image.tobytes() for image in some}
 
 

@@ -12,15 +12,18 @@ import torch
 from click.testing import CliRunner
 
 from cifarx.runtimes import table as runtimes
-from tests.conftest import REDUCED_WIDTH
+from tests.conftest import REDUCED_WIDTH, make_image_folder
+from cifarx.io import file_sha256
 from cifarx.cli.main import cli
 from cifarx.measure.compare import compare_runtimes, pareto_front
 from cifarx.measure.evaluate import evaluate_onnx
 from cifarx.deploy.portable import reorder_gelu
 from cifarx.models.registry import create_model, list_models
 
-FOREIGN = [name for name, row in runtimes.RUNTIMES.items() if row.adapter is not None]  # run in a child
+# run in a child: the float32 rows (the file as it is, converted if need be) and the int8 rows (the runtime's quantiser)
+FOREIGN = [name for name, row in runtimes.RUNTIMES.items() if row.adapter is not None and row.precision == "float32"]
 INSTALLED = [name for name in FOREIGN if runtimes.missing(name) is None]
+INT8 = [name for name, row in runtimes.RUNTIMES.items() if row.precision == "int8"]
 
 
 def run(*args):
@@ -28,7 +31,8 @@ def run(*args):
 
 
 def installed(name):
-    return pytest.param(name, marks=pytest.mark.skipif(name not in INSTALLED, reason=runtimes.missing(name) or ""))
+    return pytest.param(name, marks=pytest.mark.skipif(runtimes.missing(name) is not None,
+                                                        reason=runtimes.missing(name) or ""))
 
 
 @pytest.mark.parametrize("runtime", [installed(name) for name in FOREIGN])
@@ -45,6 +49,47 @@ def test_each_runtime_scores_a_tiny_export_like_onnx_runtime(trained_run, tmp_pa
     assert report["agreement"]["images"] == reference["images"] and report["agreement"]["top1_agreement"] == 1.0
     assert report["agreement"]["max_abs_probability_delta"] < 1e-4
     assert f"latency on {runtime}" in result.output and "agreement with ONNX Runtime CPU" in result.output
+
+
+@pytest.mark.parametrize("runtime", [installed(name) for name in INT8])
+def test_each_int8_quantiser_writes_an_artifact_that_agrees_with_its_float_source(trained_run, tmp_path, runtime):
+    """The runtime's own quantiser, calibrated on training images: the int8 artifact loads, keeps the float file's
+    answers on the tiny model (top-1 agreement >= 90%, probabilities within 0.25) and its card says how it was made."""
+    data = str(trained_run["data"])
+    result = run("eval", trained_run["onnx"], "--runtime", runtime, "--data", data, "--split", "val", "--batch-sizes",
+                 "1,4", "--repeats", 2, "--warmup", 1, "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    agreement = json.loads((tmp_path / "e.json").read_text())["agreement"]
+    assert agreement["top1_agreement"] >= 0.9 and agreement["max_abs_probability_delta"] < 0.25, agreement
+    converted = run("convert", trained_run["onnx"], "--to", runtime, "--data", data, "--calibration-images", 24,
+                    "--out", tmp_path / "out")
+    assert converted.exit_code == 0, converted.output
+    card = json.loads((tmp_path / "out" / f"{trained_run['onnx'].stem}.{runtime}" / "card.json").read_text())
+    assert card["precision"] == "int8" and card["calibration"]["images"] == 24
+    assert card["source_sha256"] == file_sha256(trained_run["onnx"])
+
+
+@pytest.mark.parametrize("runtime", INT8)
+def test_int8_calibration_refuses_missing_or_too_few_images_before_writing(trained_run, tmp_path, runtime):
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    for data, fragment in ((None, "give --data"), (empty, "no images"), (tmp_path / "absent", "not found")):
+        args = ["convert", trained_run["onnx"], "--to", runtime, "--out", tmp_path / "out"]
+        result = run(*args, *(["--data", data] if data else []))
+        assert result.exit_code == 2 and fragment in result.stderr, result.output
+    few = make_image_folder(tmp_path / "few", "train", classes=["airplane", "automobile"], per_class=4)
+    result = run("convert", trained_run["onnx"], "--to", runtime, "--out", tmp_path / "out", "--data", few)
+    assert result.exit_code == 2 and "validation split" in result.stderr, result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_failed_quantisation_leaves_no_artifact(trained_run, tmp_path, monkeypatch):
+    runtime = INT8[0]
+    fake(monkeypatch, runtime, "RefusingConverter", converter="refuser")
+    monkeypatch.setitem(runtimes.RUNTIMES, runtime, dataclasses.replace(runtimes.RUNTIMES[runtime], package="numpy"))
+    result = run("convert", trained_run["onnx"], "--to", runtime, "--data", trained_run["data"], "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "failed" in result.output
+    assert not any((tmp_path / "out").iterdir())
 
 
 def fake(monkeypatch, runtime, adapter, converter=None):
