@@ -221,7 +221,9 @@ def apply_pseudo_labels(train_set: datamod.ImageSet, path: str | Path) -> datamo
     if saved["train_images"] != len(train_set):
         raise CifarxError(f"{path} was made for {saved['train_images']} training images, this run has "
                           f"{len(train_set)}: the data, seed or --labelled/--unlabelled changed")
-    labelled = (train_set.labels != datamod.UNLABELLED).nonzero().squeeze(1)
-    subset = train_set.subset(torch.cat([labelled, saved["rows"]]))
-    subset.labels[len(labelled):] = saved["labels"]
-    return subset
+    labels = train_set.labels.clone()
+    labels[saved["rows"]] = saved["labels"]
+    # the images keep their order: a student whose teacher kept every image trains on the very tensor the teacher
+    # pass cached (--cached-features computes the prefix once for both)
+    kept = (labels != datamod.UNLABELLED).nonzero().squeeze(1)
+    return datamod.ImageSet(train_set.images[kept], labels[kept], train_set.class_names)

@@ -374,8 +374,9 @@ def self_training_settings(config: TrainConfig) -> dict:
     settings = {**SELF_TRAINING_DEFAULTS, **config.self_training}
     if not isinstance(settings["rounds"], int) or settings["rounds"] < 1:
         raise CifarxError(f"self_training.rounds must be a whole number >= 1, got {settings['rounds']!r}")
-    if not 0 < settings["keep_per_class"] <= 1:
-        raise CifarxError(f"self_training.keep_per_class must be in (0, 1], got {settings['keep_per_class']!r}")
+    keep = settings["keep_per_class"]
+    if keep != "all" and not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+        raise CifarxError(f"self_training.keep_per_class must be in (0, 1] or 'all', got {keep!r}")
     if not 0 <= settings["threshold"] < 1:
         raise CifarxError(f"self_training.threshold must be in [0, 1), got {settings['threshold']!r}")
     teacher = settings["teacher"] if isinstance(settings["teacher"], dict) else {"preset": settings["teacher"]}

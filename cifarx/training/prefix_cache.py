@@ -137,6 +137,37 @@ def compute_prefix(model: nn.Module, images: torch.Tensor, device: torch.device,
     return out if flip else out[:, 0]
 
 
+def cached_prefix(model: nn.Module, images: torch.Tensor, flip: bool, config, device: torch.device, reporter,
+                  nbytes: int | None = None) -> tuple[torch.Tensor, bool]:
+    """(prefix activations of `images`, loaded from the disk cache?): computed once, then read back by any run or
+    teacher pass with the same prefix, dtype, copies and images."""
+    dtype = getattr(torch, config.cache_dtype)
+    path = datamod.default_cache_dir() / "features" / f"prefix-{prefix_cache_key(model, images, dtype, 2 if flip else 1)}.pt"
+    progress = functools.partial(reporter.progress, f"prefix activations of {len(images)} images")
+    return load_or_compute(path, lambda: compute_prefix(model, images, device, dtype, flip, config.channels_last,
+                                                        progress), nbytes)
+
+
+@torch.no_grad()
+def prefix_probabilities(model: nn.Module, images: torch.Tensor, rows: torch.Tensor, config, device: torch.device,
+                         reporter, flip: bool) -> torch.Tensor:
+    """[len(rows), classes] softmax of `model` (a self-training teacher) on the cached prefix activations of
+    images[rows], averaged over the plain and flipped copies when `flip`. The cache is that of all `images` with the
+    copies the run's augmentation makes, so the student (trained on the same images) loads what this computes."""
+    copies = 2 if "flip" in config.augment else 1
+    activations, _ = cached_prefix(model, images, copies == 2, config, device, reporter)
+    if copies == 1:
+        activations = activations.unsqueeze(1)
+    views = range(activations.shape[1] if flip else 1)
+    model.eval()
+    chunks = []
+    for index in datamod.iterate_batches(len(rows), config.eval_batch_size, None, drop_last=False):
+        batch = activations[rows[index]]
+        chunks.append(torch.stack([model.forward_from_prefix(batch[:, view].to(device).float()).softmax(1)
+                                   for view in views]).mean(0).cpu())
+    return torch.cat(chunks)
+
+
 class FromPrefix(nn.Module):
     """`model` seen from its cached prefix activations: forward is `model.forward_from_prefix` on the model's own
     parameters (a view, not a copy), so training it trains `model`."""
@@ -206,16 +237,8 @@ class PrefixInputs:
         if cutout_cells:
             reporter.message(f"cutout: a {cutout_cells}x{cutout_cells} square of the {shape[-1]}x{shape[-1]} "
                              "training activations zeroed per sample")
-        cache_dir = datamod.default_cache_dir() / "features"
-
-        def cached(images: torch.Tensor, flip: bool, nbytes: int) -> tuple[torch.Tensor, bool]:
-            path = cache_dir / f"prefix-{prefix_cache_key(model, images, dtype, 2 if flip else 1)}.pt"
-            progress = functools.partial(reporter.progress, f"prefix activations of {len(images)} images")
-            return load_or_compute(path, lambda: compute_prefix(model, images, device, dtype, flip,
-                                                                config.channels_last, progress), nbytes)
-
-        train, train_cached = cached(train_set.images, copies == 2, train_bytes)
-        val, val_cached = cached(val_set.images, False, total - train_bytes)
+        train, train_cached = cached_prefix(model, train_set.images, copies == 2, config, device, reporter, train_bytes)
+        val, val_cached = cached_prefix(model, val_set.images, False, config, device, reporter, total - train_bytes)
         seconds = time.perf_counter() - start
         reporter.message(f"prefix activations {'loaded from the cache' if train_cached and val_cached else 'computed'}"
                          f" in {seconds:.1f}s")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from cifarx.errors import CifarxError
 from cifarx.io import atomic_torch_save, atomic_write, atomic_write_json
 from cifarx.models.common import TestTimeAugmentation
 from cifarx.training.loop import train
+from cifarx.training.prefix_cache import prefix_probabilities
 
 # what the teacher takes from the self-training run rather than from its preset: the data, the labelled subset,
 # the validation split and the machine, so teacher, students and the baseline see the same images
@@ -48,17 +50,17 @@ def teacher_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: str
     return torch.cat(chunks)
 
 
-def select_pseudo_labels(probabilities: torch.Tensor, keep_per_class: float, threshold: float,
+def select_pseudo_labels(probabilities: torch.Tensor, keep_per_class: float | str, threshold: float,
                          seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, classes) of the pseudo-labels kept: per predicted class, its most confident predictions.
 
     Each class keeps at most keep_per_class x N / classes rows, so a class the teacher over-predicts cannot
-    crowd out the others, and only rows at or above `threshold`. Ties in confidence are broken by a random
-    order drawn from `seed`, so the selection is deterministic for a seed.
+    crowd out the others ("all": no cap), and only rows at or above `threshold`. Ties in confidence are broken by
+    a random order drawn from `seed`, so the selection is deterministic for a seed.
     """
     count, classes = probabilities.shape
     confidence, predicted = probabilities.max(1)
-    quota = int(keep_per_class * count / classes)
+    quota = count if keep_per_class == "all" else int(keep_per_class * count / classes)
     shuffle = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     # one sort for all classes: by class, then by confidence (descending), ties in the shuffled order
     order = shuffle[torch.argsort(-confidence[shuffle], stable=True)]
@@ -90,20 +92,31 @@ def train_rounds(config: TrainConfig, reporter, resume: bool = False) -> dict:
     return summary
 
 
-def _write_pseudo_labels(teacher_path: Path, config: TrainConfig, settings: dict, path: Path) -> None:
+def _write_pseudo_labels(teacher_path: Path, config: TrainConfig, settings: dict, path: Path, reporter) -> None:
     """The teacher's predictions on the unlabelled training images and the selection, saved in the run folder."""
+    start = time.perf_counter()
     train_set, _ = split_train_val(config)
     unlabelled = (train_set.labels == datamod.UNLABELLED).nonzero().squeeze(1)
     if not len(unlabelled):
         raise CifarxError("self-training needs unlabelled images: give --unlabelled N or all")
     teacher, _ = load_model(teacher_path)
-    probabilities = teacher_probabilities(teacher, train_set.images[unlabelled], settings["tta"],
-                                          config.eval_batch_size, torch.device(config.device), config.channels_last)
+    device = torch.device(config.device)
+    if config.cached_features:  # the trailing stages on the cached prefix, the cache the students train on
+        if settings["tta"] == "flip-translate":
+            raise CifarxError("with --cached-features the teacher averages the cached plain and flipped copies: "
+                              "self_training.tta flip (or none), not flip-translate")
+        teacher.to(device)
+        probabilities = prefix_probabilities(teacher, train_set.images, unlabelled, config, device, reporter,
+                                             flip=settings["tta"] == "flip")
+    else:
+        probabilities = teacher_probabilities(teacher, train_set.images[unlabelled], settings["tta"],
+                                              config.eval_batch_size, device, config.channels_last)
     kept, labels = select_pseudo_labels(probabilities, settings["keep_per_class"], settings["threshold"], config.seed)
     atomic_torch_save({
         "format": PSEUDO_LABELS_FORMAT, "version": 1, "teacher": str(teacher_path), "train_images": len(train_set),
         "rows": unlabelled[kept], "labels": labels, "probabilities": probabilities.half(),
         "unlabelled_rows": unlabelled,
+        "seconds": time.perf_counter() - start,  # the teacher's pass (and a cached run's prefix): part of the run's cost
     }, path)
 
 
@@ -121,7 +134,8 @@ def _run_rounds(config: TrainConfig, settings: dict, run_dir: Path, reporter) ->
             pseudo_labels = round_dir / "pseudo_labels.pt"
             if not pseudo_labels.is_file():  # on --resume the teacher's predictions are reloaded, not recomputed
                 round_dir.mkdir(parents=True, exist_ok=True)
-                _write_pseudo_labels(run_dir / f"round-{round_index - 1}" / "best.pt", base, settings, pseudo_labels)
+                _write_pseudo_labels(run_dir / f"round-{round_index - 1}" / "best.pt", base, settings, pseudo_labels,
+                                     reporter)
             round_config = dataclasses.replace(base, pseudo_labels=str(pseudo_labels))
         round_config = dataclasses.replace(round_config, out=str(round_dir))
         reporter.message(f"self-training round {round_index} of {settings['rounds']} "
@@ -135,7 +149,10 @@ def _run_rounds(config: TrainConfig, settings: dict, run_dir: Path, reporter) ->
         rounds.append({"round": round_index, **summary})
     for name in ("best.pt", "last.pt"):  # the last student is the run's model
         atomic_write(run_dir / name, lambda temporary, name=name: shutil.copyfile(round_dir / name, temporary))
-    summary = {**rounds[-1], "method": "self-training",
-               "train_seconds": round(sum(r["train_seconds"] for r in rounds), 1), "rounds": rounds}
+    teacher_passes = [float(torch.load(run_dir / f"round-{r['round']}" / "pseudo_labels.pt", weights_only=True)
+                            .get("seconds", 0.0)) for r in rounds[1:]]
+    summary = {**rounds[-1], "method": "self-training", "teacher_pass_seconds": round(sum(teacher_passes), 1),
+               "train_seconds": round(sum(r["train_seconds"] for r in rounds) + sum(teacher_passes), 1),
+               "rounds": rounds}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary

@@ -8,6 +8,7 @@ import torch
 from cifarx.training import self_training
 from cifarx.training.config import make_train_config
 from cifarx.errors import CifarxError
+from tests.training.test_prefix_cache import tiny_weights  # noqa: F401  (the fixture)
 
 TINY_TEACHER = {"model": "simple-cnn", "epochs": 2, "batch_size": 16, "lr": 3e-3, "optimizer": "adam"}
 
@@ -74,7 +75,8 @@ def test_rounds_end_in_an_ordinary_run_that_exports_and_resume_reloads_the_teach
     run = tmp_path / "run"
     summary = train(tiny_config(image_folder, run))
     assert [r["round"] for r in summary["rounds"]] == [0, 1] and summary["method"] == "self-training"
-    assert summary["train_seconds"] == pytest.approx(sum(r["train_seconds"] for r in summary["rounds"]), abs=0.2)
+    assert summary["train_seconds"] == pytest.approx(sum(r["train_seconds"] for r in summary["rounds"])
+                                                     + summary["teacher_pass_seconds"], abs=0.2)
     report = export_onnx(run, tmp_path / "student.onnx", parity_count=16)
     assert report["top1_agreement"] == 1.0
     selection = (run / "round-1" / "pseudo_labels.pt").read_bytes()
@@ -170,3 +172,73 @@ def test_fixmatch_state_is_saved_in_last_pt_for_resume(image_folder, tmp_path):
     saved = read_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["objective"]
     assert set(saved) == {"confident_share", "unconfident_share", "prediction_mean"}
     assert not torch.equal(saved["prediction_mean"], torch.full((4,), 0.25)), "the averages moved during training"
+
+
+def cached_tiny_config(image_folder, out, weights, **overrides):
+    """Self-training of timm's tiny EfficientNet on cached prefix activations: teacher and student alike."""
+    from tests.training.test_prefix_cache import TINY
+
+    model = {"model": f"timm/{TINY}", "model_kwargs": {"img_size": 48, "freeze": 2, "weights": str(weights)},
+             "cached_features": True, "augment": ["crop", "flip", "cutout"], "cutout_size": 12, "batch_size": 16,
+             "lr": 3e-3, "optimizer": "adam"}
+    teacher = {**model, "epochs": 2, "labelled": 24, "unlabelled": 0}
+    settings = {"rounds": 1, "keep_per_class": "all", "tta": "flip", "teacher": teacher}
+    return make_train_config(**{**model, "data": str(image_folder), "val_size": 16, "labelled": 24,
+                                "unlabelled": "all", "epochs": 2, "self_training": settings, "out": str(out),
+                                **overrides})
+
+
+def test_self_training_on_cached_activations_computes_the_prefix_once_for_teacher_and_student(
+        image_folder, tmp_path, tiny_weights):
+    from cifarx.training.run import train
+
+    summary = train(cached_tiny_config(image_folder, tmp_path / "run", tiny_weights))
+    student = summary["rounds"][1]
+    assert student["prefix_from_cache"], "the teacher pass cached every training image; the student loads it"
+    selection = torch.load(tmp_path / "run" / "round-1" / "pseudo_labels.pt", weights_only=True)
+    assert len(selection["rows"]) == len(selection["unlabelled_rows"]) == 56  # keep_per_class "all"
+
+
+def test_the_teacher_sees_the_plain_and_flipped_images_without_the_students_strong_view(image_folder, tiny_weights):
+    """The teacher's cached pass is the whole model on each image and its flip, averaged: translation and cutout
+    (the student's noise) never touch what the teacher labels from."""
+    from cifarx.data import datasets as datamod
+    from cifarx.models.registry import create_model
+    from cifarx.runtimes.measuring import to_model_input  # noqa: F401  (the same [0,1] floats as the loop)
+    from cifarx.training.prefix_cache import prefix_probabilities
+    from cifarx.training.runfolder import SilentReporter
+
+    config = cached_tiny_config(image_folder, "unused", tiny_weights)
+    teacher = create_model(config.model, num_classes=4, **config.model_kwargs).eval()
+    images = datamod.load_split(str(image_folder), "train").images[:20]
+    rows = torch.arange(5, 15)
+    got = prefix_probabilities(teacher, images, rows, config, torch.device("cpu"), SilentReporter(), flip=True)
+    with torch.no_grad():
+        plain = datamod.to_float(images[rows])
+        expected = (teacher(plain).softmax(1) + teacher(plain.flip(3)).softmax(1)) / 2
+    assert torch.allclose(got, expected, atol=2e-2)  # float16 cache
+
+
+def test_a_cached_self_training_run_resumes_after_ctrl_c_mid_round_to_the_uninterrupted_weights(
+        image_folder, tmp_path, tiny_weights):
+    from tests.conftest import InterruptAt, assert_same_weights, final_weights
+    from cifarx.errors import TrainingInterrupted
+    from cifarx.training.run import train
+
+    train(cached_tiny_config(image_folder, tmp_path / "straight", tiny_weights))
+    with pytest.raises(TrainingInterrupted):  # 24 labels / 16: 1 step an epoch for the teacher; then the student's
+        train(cached_tiny_config(image_folder, tmp_path / "stopped", tiny_weights), reporter=InterruptAt(4))
+    train(resume=tmp_path / "stopped")
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped"))
+
+
+@pytest.mark.parametrize("budget", [250, 1500, 4000])
+def test_a_label_budget_is_stratified_and_the_same_for_a_seed(budget):
+    from cifarx.data import datasets as datamod
+
+    labels = torch.arange(10).repeat_interleave(4500)  # a 45,000-image split, 10 balanced classes
+    image_set = datamod.ImageSet(torch.zeros(len(labels), 1, 1, 1, dtype=torch.uint8), labels, [str(c) for c in range(10)])
+    draw = datamod.semi_supervised_subset(image_set, budget, "all", seed=0)
+    labelled = draw.labels[draw.labels != datamod.UNLABELLED]
+    assert torch.bincount(labelled, minlength=10).tolist() == [budget // 10] * 10
+    assert torch.equal(draw.labels, datamod.semi_supervised_subset(image_set, budget, "all", seed=0).labels)
