@@ -3,6 +3,7 @@
 Structure (published by Keller Jordan's airbench; written here from its description): a frozen 2x2
 patch-whitening convolution initialised from training-image statistics, three groups of
 [conv3x3, max-pool, BN, act, conv3x3, BN, act], a global max-pool and a bias-free linear head scaled down.
+With `norm_before_pool` each group starts [conv3x3, BN, act, max-pool] instead (the int8 variant's order).
 BatchNorm keeps its scale fixed at 1 (only the shift trains), and each conv starts as a partial identity
 (Dirac init), an implicit residual that lets this plain stack train fast.
 """
@@ -32,17 +33,19 @@ def _norm(channels: int, momentum: float) -> nn.BatchNorm2d:
 
 
 class ConvGroup(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, activation: str, bn_momentum: float):
+    def __init__(self, c_in: int, c_out: int, activation: str, bn_momentum: float, norm_before_pool: bool = False):
         act = ACTIVATIONS[activation]
-        super().__init__(
-            _conv(c_in, c_out), nn.MaxPool2d(2), _norm(c_out, bn_momentum), act(),
-            _conv(c_out, c_out), _norm(c_out, bn_momentum), act(),
-        )
+        # Pooling first is 4x cheaper to normalise in training; normalising first lets an exporter fold the BatchNorm
+        # into the convolution (and a ReLU into the int8 kernel), which the int8 runtimes need.
+        first = ([_conv(c_in, c_out), _norm(c_out, bn_momentum), act(), nn.MaxPool2d(2)] if norm_before_pool
+                 else [_conv(c_in, c_out), nn.MaxPool2d(2), _norm(c_out, bn_momentum), act()])
+        super().__init__(*first, _conv(c_out, c_out), _norm(c_out, bn_momentum), act())
 
 
 class FastNet(nn.Module):
     def __init__(self, num_classes: int = 10, widths: tuple = (64, 256, 256), whiten_kernel: int = 2,
-                 activation: str = "gelu", bn_momentum: float = 0.4, logit_scale: float = 1 / 9):
+                 activation: str = "gelu", bn_momentum: float = 0.4, logit_scale: float = 1 / 9,
+                 norm_before_pool: bool = False):
         super().__init__()
         whiten_width = 2 * 3 * whiten_kernel**2
         self.normalize = Normalize()
@@ -51,7 +54,7 @@ class FastNet(nn.Module):
         nn.init.zeros_(self.whiten.bias)
         groups, c_in = [], whiten_width
         for width in widths:
-            groups.append(ConvGroup(c_in, width, activation, bn_momentum))
+            groups.append(ConvGroup(c_in, width, activation, bn_momentum, norm_before_pool))
             c_in = width
         self.body = nn.Sequential(ACTIVATIONS[activation](), *groups)
         self.pool = nn.AdaptiveMaxPool2d(1)

@@ -66,3 +66,20 @@ def test_simple_cnn_matches_the_report():
     model = create_model("simple-cnn")
     assert sum(p.numel() for p in model.parameters()) == 308_394
     assert create_model("simple-cnn")(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_int8_variant_of_fast_puts_every_batchnorm_right_after_a_convolution():
+    """What int8 runtimes need: each BatchNorm folds into the convolution before it, and ReLU (not GELU) fuses into
+    the int8 kernel; the flagship's order (conv, max-pool, BatchNorm) cannot fold its first BatchNorm of a group."""
+    import torch.nn as nn
+
+    from cifarx.training.config import make_train_config
+
+    def after_conv(model):
+        layers = [layer for group in model.body if isinstance(group, nn.Sequential) for layer in group]
+        return [isinstance(layers[i - 1], nn.Conv2d) for i, layer in enumerate(layers) if isinstance(layer, nn.BatchNorm2d)]
+
+    config = make_train_config("fast-int8")
+    variant = create_model("fast", **config.model_kwargs)
+    assert all(after_conv(variant)) and not any(isinstance(m, nn.GELU) for m in variant.modules())
+    assert not all(after_conv(create_model("fast")))
