@@ -164,14 +164,16 @@ class RichReporter:
         self.pass_progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
         self.pass_tasks = {}
-        # the run's step rate, measured from this process's first step (a resumed run's replayed steps excluded)
-        self.first_step = None  # (run position, time) of the first step this process trained
+        # the run's step rate, measured from where this process started it (a resumed run's replayed steps excluded)
+        self.first_step = None  # (run position, time) at the run's first start_epoch in this process
         self.position = self.total = self.epoch_steps = self.done = 0
         self.epoch_label = ""
 
     def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
-        self.epoch_steps, self.done, self.total = steps, done, epochs * steps
-        self.position = epoch * steps + done
+        position = epoch * steps + done
+        if self.first_step is None or epochs * steps != self.total or position < self.position:
+            self.first_step = (position, time.perf_counter())  # a new run (a self-training round too): its own rate
+        self.epoch_steps, self.done, self.total, self.position = steps, done, epochs * steps, position
         self.epoch_label = f"epoch {epoch + 1}/{epochs}"
         self.epoch_start = time.perf_counter()
         if self.bars:
@@ -181,8 +183,6 @@ class RichReporter:
 
     def advance(self, loss: float) -> None:
         now = time.perf_counter()
-        if self.first_step is None:
-            self.first_step = (self.position, now)
         self.position += 1
         self.done += 1
         if self.bars:

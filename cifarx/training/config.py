@@ -29,7 +29,9 @@ TRANSLATE_MODES = ("reflect", "constant")  # the padding modes both torch.nn.fun
 SSL_METHODS = {**{name: f"vae-ssl-{name}" for name in ("m1", "m2", "m2-fixmatch", "supervised", "deep-m2-fixmatch",
                                                        "deep-fixmatch", "deep-supervised")},
                "self-training": "ssl-fast-self-training", "fixmatch": "ssl-fast-fixmatch",
-               "fast-supervised": "ssl-fast-supervised"}
+               "fast-supervised": "ssl-fast-supervised",
+               # few labels on a pretrained backbone (EfficientNet-Lite0's ImageNet features, cached activations)
+               "lite0-self-training": "few-labels-lite0", "lite0-supervised": "few-labels-lite0-teacher"}
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, option: bool = False, choices: tuple = (),

@@ -84,3 +84,24 @@ def test_training_into_a_log_prints_plain_progress_lines_not_bars(tmp_path):
     progress = [line for line in lines if line.startswith("epoch 2/2 ")]
     assert 1 <= len(progress) <= 4 and "left" in progress[-1], result.stdout
     assert "\r" not in result.stdout and "\x1b" not in result.stdout
+
+
+def test_the_time_left_is_each_runs_own_when_one_process_trains_several(monkeypatch):
+    """Self-training trains a teacher, then a student, in one process: the student's time left comes from its own
+    steps, not from the teacher's run and the pass between them."""
+    import importlib
+
+    cli_main = importlib.import_module("cifarx.cli.main")
+    now = [0.0]
+    monkeypatch.setattr(cli_main.time, "perf_counter", lambda: now[0])
+    reporter = cli_main.RichReporter(bars=False)
+    reporter.start_epoch(0, 1, 2)  # the teacher: 2 steps, 1 s each
+    for _ in range(2):
+        now[0] += 1
+        reporter.advance(1.0)
+    now[0] = 1000.0  # the teacher's pass over the unlabelled images
+    reporter.start_epoch(0, 10, 100)  # the student
+    for _ in range(3):
+        now[0] += 1
+        reporter.advance(1.0)
+    assert reporter._run_left() == f"run ~{cli_main._duration(997)} left"  # 1 s a step, 997 steps to go
