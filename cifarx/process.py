@@ -41,7 +41,7 @@ def keep_freed_memory() -> bool:
 
 # The vector instruction sets that decide how fast these CPUs train and run models (machines of one kind differ:
 # some have AVX-512 with VNNI, others AVX2 only), as /proc/cpuinfo names them.
-ISA_FLAGS = ("avx512_vnni", "avx_vnni", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
+ISA_FLAGS = ("avx512_vnni", "avx_vnni", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx2")
 
 
 def cpu_info(cpuinfo: str | None = None) -> tuple[str, set[str]]:
