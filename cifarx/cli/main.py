@@ -619,8 +619,11 @@ def convert(model_file, runtime_list, out_dir, timeout, data, data_root, calibra
     from cifarx.deploy.convert import convert_onnx
     from cifarx.runtimes.table import parse_runtimes
 
+    from cifarx.training.runfolder import portable_command
+
     results = convert_onnx(model_file, parse_runtimes(runtime_list), out_dir, timeout, data=data, data_root=data_root,
-                           calibration_count=calibration_images)
+                           calibration_count=calibration_images,
+                           command=portable_command(click.get_current_context().obj["command"]))
     for result in results:
         if result["status"] == "ok":
             console.print(f"{escape(result['runtime'])}: wrote {escape(result['folder'])} ({result['artifact_bytes'] / 1e6:.1f} MB, "

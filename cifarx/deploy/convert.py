@@ -34,9 +34,10 @@ def artifact_folder(model_path: Path, runtime: str, out_dir: Path) -> Path:
     return out_dir / f"{model_path.stem}.{runtime}"
 
 
-def _card(model_path: Path, info: dict, runtime: str, converted: dict, calibration: dict | None) -> dict:
+def _card(model_path: Path, info: dict, runtime: str, converted: dict, calibration: dict | None,
+          command: str | None = None) -> dict:
     row = RUNTIMES[runtime]
-    return {**({"precision": row.precision, "calibration": calibration} if calibration else {}),
+    return {**({"command": command} if command else {}),**({"precision": row.precision, "calibration": calibration} if calibration else {}),
         "format": "cifarx-artifact", "version": 1, "runtime": runtime, "title": row.title,
         "runtime_version": converted.get("version"), "converter": converted.get("converter"),
         "converter_version": converted.get("converter_version"), "artifacts": converted["artifacts"],
@@ -62,7 +63,7 @@ def _move_into_place(built: Path, target: Path) -> None:
 
 def convert_onnx(model_path: str | Path, runtimes: list[str], out_dir: str | Path | None = None,
                  timeout: float = CHILD_TIMEOUT_S, data: str | None = None, data_root: str | None = None,
-                 calibration_count: int = CALIBRATION_IMAGES) -> list[dict]:
+                 calibration_count: int = CALIBRATION_IMAGES, command: str | None = None) -> list[dict]:
     """Convert a cifarx ONNX file for each runtime; one result per runtime (`status` "ok", "failed: why",
     "not installed ..." or "reads the .onnx file itself"), artifacts in OUT/MODEL.RUNTIME/. An int8 row quantises
     on `calibration_count` training images of `data` outside the model's validation split."""
@@ -100,7 +101,7 @@ def convert_onnx(model_path: str | Path, runtimes: list[str], out_dir: str | Pat
                 continue
             card = _card(model_path, info, runtime, converted, None if calibrated is None else {
                 "images": len(calibrated), "from": "training images outside the model's validation split",
-                "data": Path(data).name if data != "cifar10" else data, "method": converted.get("converter")})
+                "data": Path(data).name if data != "cifar10" else data, "method": converted.get("converter")}, command)
             (building / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
             os.chmod(building, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
             _move_into_place(building, target)
