@@ -16,7 +16,14 @@ def exports(trained_run, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("exports")
     report = export_onnx(trained_run["run"], folder / "tiny.onnx", parity_count=16)
-    write_model_card(trained_run["run"], folder / "tiny.onnx", report, [], "cifarx export run -o tiny.onnx --card")
+    # written from the run's parent folder, as from a repository holding runs/: the card names the run relative to it
+    # (a card never records this machine's absolute paths), and the report, run from there, finds its curves
+    here = os.getcwd()
+    os.chdir(trained_run["run"].parent)
+    try:
+        write_model_card(trained_run["run"], folder / "tiny.onnx", report, [], "cifarx export run -o tiny.onnx --card")
+    finally:
+        os.chdir(here)
     export_onnx(trained_run["run"], folder / "tiny-flip.onnx", tta="flip", parity_count=16)
     return folder
 

@@ -10,7 +10,8 @@ from cifarx.report.site import ORT_WEB_FILES
 from tests.conftest import assert_one_line_error, make_image_folder, run
 
 
-def test_report_table_sections_and_non_exports(exports, trained_run, ort_web, tmp_path):
+def test_report_table_sections_and_non_exports(exports, trained_run, ort_web, tmp_path, monkeypatch):
+    monkeypatch.chdir(trained_run["run"].parent)  # where the card was written: its run folder is named from there
     models = tmp_path / "models"
     shutil.copytree(exports, models)
     (models / "garbage.onnx").write_bytes(b"not a protobuf at all")
