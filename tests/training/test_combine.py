@@ -32,7 +32,7 @@ def test_combined_runs_answer_with_their_mean_logits_and_ship_as_one_file_with_a
     members = [json.loads((r / "summary.json").read_text()) for r in two_runs]
     assert summary["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in members), abs=0.2)
     assert summary["val_images"] == 16 and 0 <= summary["best_val_accuracy_tta_flip"] <= 1
-    assert [m["run"] for m in summary["members"]] == [str(r) for r in two_runs]
+    assert [m["run"] for m in summary["members"]] == [f"runs/{r.name}" for r in two_runs]  # never an absolute path
     assert summary["machine"] == members[0]["machine"] and summary["machine"]["cores"] >= 1  # both trained here
 
     ensemble, payload = load_model(out)
