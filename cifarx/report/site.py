@@ -269,19 +269,13 @@ def describe_model(path: Path) -> dict:
         row["error"] = "not a cifarx export: no cifarx_format in its metadata"
         return row
     card = _card_for(path, row["sha256"])
-    input_type = _dtype(session.get_inputs()[0].type)  # model_info's input_dtype knows float16 and float32 only
+    input_type = info["input_dtype"]
     row.update(model=meta.get("model_name", "?"), class_names=info["class_names"], metadata=meta, card=card,
                params=_parameter_count(path), input_type=input_type, not_runnable=_not_runnable(input_type))
     row["what"] = _what_it_is(meta, card)
     row["accuracy"] = _validation_accuracy(meta, card)
     row["runs"], row["run_notes"] = _run_folders(card, meta.get("checkpoint_sha256"))
     return row
-
-
-def _dtype(onnx_type: str) -> str:
-    """ONNX Runtime's 'tensor(double)' as numpy names it: float64."""
-    name = onnx_type.removeprefix("tensor(").removesuffix(")")
-    return {"float": "float32", "double": "float64"}.get(name, name)
 
 
 def _not_runnable(input_type: str) -> str | None:

@@ -145,7 +145,7 @@ def model_info(session) -> dict:
     return {
         "input_name": inputs[0].name,
         # ONNX Runtime's 'tensor(double)' as numpy names it (float64); cifarx feeds float32 or float16 only
-        "input_dtype": {"float": "float32", "double": "float64"}.get(inputs[0].type[7:-1], inputs[0].type[7:-1]),
+        "input_dtype": _numpy_name(inputs[0].type),
         "output_names": output_names,
         "class_names": class_names,
         "metadata": dict(meta),
@@ -173,6 +173,12 @@ def recorded_val_split(info: dict) -> dict:
     if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{16}", digest)):
         raise CifarxError(f"model metadata val_split digest must be 16 hex digits, got {_shorten(json.dumps(digest))}")
     return {"val_size": recorded.get("val_size"), "seed": recorded.get("seed"), "digest": digest}
+
+
+def _numpy_name(onnx_type: str) -> str:
+    """ONNX Runtime's 'tensor(double)' as numpy names it: float64."""
+    name = onnx_type.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(name, name)
 
 
 def _shorten(text: str, limit: int = 60) -> str:
